@@ -1,0 +1,122 @@
+"""The `cwac:` YAML block, validated by pydantic.
+
+Axolotl mixes `CWACArgs` into its own config model (see `CWACPlugin.get_input_args`), so a
+typo under `cwac:` fails validation instead of silently turning a safety constraint off.
+The same model validates the block for the `cwac` CLI and for plain HF Trainer users.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class CWACConfig(BaseModel):
+    """Settings of the weight constraint (safety subspace)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    safety_data: str | None = Field(
+        default=None,
+        description="jsonl of harmful prompts with refusals: one object per line with `prompt` and "
+        "`response`. Read by `cwac subspace` (methods activation and gradient).",
+    )
+    contrast_data: str | None = Field(
+        default=None,
+        description="jsonl of benign prompts with helpful answers (same fields). When set, the "
+        "activation method uses the contrastive covariance C_safety - contrast_beta * C_benign.",
+    )
+    max_examples: int | None = Field(
+        default=None, ge=1, description="Use at most this many examples of each data file."
+    )
+    max_length: int | None = Field(
+        default=None,
+        ge=8,
+        description="Token limit per example when computing the subspace (default: `sequence_len`).",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Batch size of `cwac subspace`.")
+
+    weight_constraint: bool = Field(
+        default=True,
+        description="Keep weight updates out of the safety subspace. false = activation-only ablation.",
+    )
+    subspace: str | None = Field(
+        default=None,
+        description="Path of the subspace safetensors file: written by `cwac subspace`, read by training.",
+    )
+    subspace_method: Literal["activation", "gradient", "delta"] = Field(
+        default="activation",
+        description="activation: top eigenvectors of the inputs' second moment on safety_data; "
+        "gradient: top singular vectors of refusal-loss gradients; delta: top singular vectors of "
+        "W_aligned - W_base (needs delta_base_model).",
+    )
+    contrast_beta: float = Field(
+        default=1.0, ge=0.0, description="Weight of the benign covariance in the contrastive variant."
+    )
+    delta_base_model: str | None = Field(
+        default=None,
+        description="Checkpoint the aligned model was aligned from (method delta only).",
+    )
+    rank: int | None = Field(
+        default=16,
+        ge=1,
+        description="Input-basis size k per module. With `energy` set it is an upper bound.",
+    )
+    energy: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Choose the smallest k whose eigenvalues hold this fraction of the spectrum.",
+    )
+    output_rank: int = Field(
+        default=0,
+        ge=0,
+        description="Output-basis size k' per module (V^T dW = 0). 0 = no output-side constraint.",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Linear modules to protect, matched on the last component of the module name.",
+    )
+    layers: list[int] | None = Field(
+        default=None, description="Decoder layer indices to protect (default: all)."
+    )
+    projection: Literal["update", "gradient"] = Field(
+        default="update",
+        description="update: re-impose the constraint on the weights after every optimizer step "
+        "(exact under any optimizer). gradient: project gradients with tensor hooks (exact for "
+        "plain SGD only; Adam's per-coordinate scaling leaks back into the subspace).",
+    )
+    log_leakage: bool = Field(
+        default=True,
+        description="Log cwac/leakage (||dW U||/||dW||) at every logging step. Full fine-tuning keeps "
+        "a CPU copy of the protected weights for the denominator.",
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> CWACConfig:
+        if self.weight_constraint and not self.subspace:
+            raise ValueError(
+                "cwac.subspace is required while cwac.weight_constraint is true: set it to the path "
+                "`cwac subspace` writes (e.g. ./cwac/subspace.safetensors), or set "
+                "cwac.weight_constraint: false"
+            )
+        if self.subspace_method == "delta" and not self.delta_base_model:
+            raise ValueError(
+                "cwac.subspace_method 'delta' needs cwac.delta_base_model: the checkpoint the "
+                "aligned model was aligned from"
+            )
+        if self.rank is None and self.energy is None:
+            raise ValueError("set cwac.rank (a fixed k) or cwac.energy (a spectrum fraction)")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError("cwac.layers holds decoder layer indices, which are >= 0")
+        return self
+
+
+class CWACArgs(BaseModel):
+    """What the plugin adds to Axolotl's config: one nested `cwac:` block."""
+
+    cwac: CWACConfig | None = Field(default=None, description="CWAC safety constraints.")

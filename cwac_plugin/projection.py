@@ -1,0 +1,319 @@
+"""Keeping weight updates out of the safety subspace.
+
+The math is two projections of a matrix X (a weight, a LoRA factor or a gradient):
+
+    input side   X <- X - (X U - R) U^T        afterwards X U = R      (R = 0 for gradients, LoRA A)
+    output side  X <- X - V (V^T X - Q)        afterwards V^T X = Q    (Q = 0 for gradients, LoRA B)
+
+They act on opposite sides, so they commute and applying both gives the orthogonal projection
+onto {X : X U = R, V^T X = Q}. Applied to a full weight with R = W0 U, Q = V^T W0 this keeps
+dW = W - W0 with dW U = 0 and V^T dW = 0; applied to LoRA's A (input) and B (output) it keeps
+dW = s B A out of the subspace without touching the (possibly 4-bit) base weight.
+
+`WeightConstraint` binds a `Subspace` to the trainable tensors of a model. It knows nothing of
+Axolotl, so a plain HF Trainer or TRL user can drive it through `cwac_plugin.hf.CWACCallback`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from cwac_plugin.subspace import Subspace, SubspaceError, base_model_of, resolve_modules
+
+
+def project_input_side(x: Tensor, basis: Tensor, target: Tensor | None = None) -> Tensor:
+    """Return x moved within span(basis)'s row action so that x @ basis == target (or 0)."""
+    residual = x @ basis
+    if target is not None:
+        residual = residual - target
+    return x - residual @ basis.T
+
+
+def project_output_side(x: Tensor, basis: Tensor, target: Tensor | None = None) -> Tensor:
+    """Return x moved so that basis.T @ x == target (or 0)."""
+    residual = basis.T @ x
+    if target is not None:
+        residual = residual - target
+    return x - basis @ residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing full parameters, with or without DeepSpeed ZeRO.
+#
+# Under ZeRO the optimizer owns an fp32 master copy that overwrites the model's parameter at the
+# next step, and ZeRO-3 partitions the parameter itself, so edits must go through DeepSpeed.
+# ---------------------------------------------------------------------------------------------
+
+
+def _owned_by_deepspeed_optimizer(param: Tensor) -> bool:
+    return hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping")
+
+
+@contextmanager
+def _gathered(param: Tensor, modify: bool) -> Iterator[None]:
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None):
+            yield
+    else:
+        yield
+
+
+def read_full_param(param: Tensor) -> Tensor:
+    """The full parameter in float32 (the master copy under ZeRO). Collective under ZeRO."""
+    if _owned_by_deepspeed_optimizer(param):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param).detach().float()
+    with _gathered(param, modify=False):
+        return param.data.detach().float().clone()
+
+
+@torch.no_grad()
+def write_full_param(param: Tensor, value: Tensor) -> None:
+    """Write a full-shape value to the parameter and, under ZeRO, to its fp32 master copy."""
+    if _owned_by_deepspeed_optimizer(param):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.float())
+    with _gathered(param, modify=True):
+        if param.data.numel():  # ranks other than the modifier hold an empty tensor under ZeRO-3
+            param.data.copy_(value.to(param.dtype).view_as(param.data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding a subspace to a model.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProtectedTensor:
+    """A trainable tensor with the bases and targets its value must keep."""
+
+    module_name: str
+    param: nn.Parameter
+    input_basis: Tensor | None = None
+    output_basis: Tensor | None = None
+    input_target: Tensor | None = None
+    output_target: Tensor | None = None
+
+    def project(self, value: Tensor) -> Tensor:
+        if self.input_basis is not None:
+            value = project_input_side(value, self.input_basis, self.input_target)
+        if self.output_basis is not None:
+            value = project_output_side(value, self.output_basis, self.output_target)
+        return value
+
+    def project_gradient(self, grad: Tensor) -> Tensor:
+        projected = grad.float()
+        if self.input_basis is not None:
+            projected = project_input_side(projected, self.input_basis)
+        if self.output_basis is not None:
+            projected = project_output_side(projected, self.output_basis)
+        return projected.to(grad.dtype)
+
+
+@dataclass
+class _FullModule:
+    """Full fine-tuning: the weight itself is trained; W0 is kept on CPU only for the metric."""
+
+    weight: ProtectedTensor
+    initial_weight_cpu: Tensor | None
+
+
+@dataclass
+class _LoraModule:
+    """LoRA/QLoRA: dW = scaling * B @ A, for each active adapter."""
+
+    factors: list[tuple[ProtectedTensor, ProtectedTensor, float]]  # (A, B, scaling)
+    input_basis: Tensor | None
+    output_basis: Tensor | None
+
+
+@dataclass
+class LeakageReport:
+    """Sums of squared Frobenius norms over protected modules, and their ratios."""
+
+    update_sq: float = 0.0
+    input_leak_sq: float = 0.0
+    output_leak_sq: float = 0.0
+    per_module: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, update_sq: float, input_sq: float, output_sq: float) -> None:
+        input_sq, output_sq = max(input_sq, 0.0), max(output_sq, 0.0)  # trace forms can round below 0
+        self.update_sq += update_sq
+        self.input_leak_sq += input_sq
+        self.output_leak_sq += output_sq
+        self.per_module[name] = math.sqrt((input_sq + output_sq) / update_sq) if update_sq > 0 else 0.0
+
+    @property
+    def input_leakage(self) -> float:
+        return math.sqrt(self.input_leak_sq / self.update_sq) if self.update_sq > 0 else 0.0
+
+    @property
+    def output_leakage(self) -> float:
+        return math.sqrt(self.output_leak_sq / self.update_sq) if self.update_sq > 0 else 0.0
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "active_adapters")
+
+
+class WeightConstraint:
+    """Keeps every trainable update of the protected modules out of the safety subspace.
+
+    Build it before the optimizer exists (so R = W0 U and the LoRA A projection are taken from
+    the initial weights, also when training later resumes from a checkpoint), call `attach()`
+    once, then `enforce()` after every optimizer step in update mode.
+    """
+
+    def __init__(self, model: nn.Module, subspace: Subspace, mode: str = "update", log_leakage: bool = True):
+        if mode not in ("update", "gradient"):
+            raise ValueError(f"cwac.projection must be 'update' or 'gradient', got {mode!r}")
+        self.mode = mode
+        self._hooks: list = []
+        self._full: dict[str, _FullModule] = {}
+        self._lora: dict[str, _LoraModule] = {}
+        self.frozen_modules: list[str] = []
+
+        modules = resolve_modules(base_model_of(model), subspace.module_names, source=subspace.path)
+        subspace.check_shapes(modules)
+        for name, module in modules.items():
+            device = self._device_of(module)
+            input_basis = subspace.input_basis(name, device)
+            output_basis = subspace.output_basis(name, device)
+            if _is_lora_layer(module):
+                self._bind_lora(name, module, input_basis, output_basis)
+            elif module.weight.requires_grad:
+                self._bind_full(name, module, input_basis, output_basis, log_leakage)
+            else:
+                self.frozen_modules.append(name)
+        if not self.tensors:
+            raise SubspaceError(
+                f"none of the {len(modules)} modules in {subspace.path} is trained: with LoRA, "
+                "lora_target_modules must include some of cwac.target_modules (or use "
+                "lora_target_linear: true); with full fine-tuning, unfreeze them"
+            )
+
+    @staticmethod
+    def _device_of(module: nn.Module) -> torch.device:
+        weight = module.get_base_layer().weight if _is_lora_layer(module) else module.weight
+        return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+    def _bind_lora(self, name: str, module: nn.Module, input_basis: Tensor | None, output_basis: Tensor | None):
+        if getattr(module, "use_dora", {}) and any(module.use_dora.values()):
+            raise SubspaceError(
+                f"{name}: DoRA (lora_use_dora) changes the weight through a magnitude vector that "
+                "CWAC cannot project; use plain LoRA"
+            )
+        factors = []
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            lora_a = module.lora_A[adapter].weight
+            lora_b = module.lora_B[adapter].weight
+            if not (lora_a.requires_grad or lora_b.requires_grad):
+                continue
+            # A U = 0 and V^T B = 0 suffice for dW = s B A; the metric needs both factors.
+            factors.append(
+                (
+                    ProtectedTensor(name, lora_a, input_basis=input_basis),
+                    ProtectedTensor(name, lora_b, output_basis=output_basis),
+                    float(module.scaling[adapter]),
+                )
+            )
+        if factors:
+            self._lora[name] = _LoraModule(factors, input_basis, output_basis)
+        else:
+            self.frozen_modules.append(name)
+
+    def _bind_full(self, name, module, input_basis, output_basis, log_leakage: bool):
+        weight = read_full_param(module.weight)
+        protected = ProtectedTensor(
+            name,
+            module.weight,
+            input_basis=input_basis,
+            output_basis=output_basis,
+            input_target=weight @ input_basis if input_basis is not None else None,
+            output_target=output_basis.T @ weight if output_basis is not None else None,
+        )
+        self._full[name] = _FullModule(protected, weight.cpu() if log_leakage else None)
+
+    @property
+    def tensors(self) -> list[ProtectedTensor]:
+        """The tensors an optimizer step may move out of the subspace (those that are trained)."""
+        out = [m.weight for m in self._full.values()]
+        for lora in self._lora.values():
+            for lora_a, lora_b, _ in lora.factors:
+                out += [t for t in (lora_a, lora_b) if t.param.requires_grad and _has_basis(t)]
+        return out
+
+    @property
+    def module_names(self) -> list[str]:
+        return [*self._full, *self._lora]
+
+    def attach(self) -> None:
+        """Project the starting point (LoRA's random A) and, in gradient mode, hook the gradients."""
+        with torch.no_grad():
+            for tensor in self.tensors:
+                if tensor.input_target is None and tensor.output_target is None:
+                    write_full_param(tensor.param, tensor.project(read_full_param(tensor.param)))
+        if self.mode == "gradient":
+            for tensor in self.tensors:
+                self._hooks.append(tensor.param.register_hook(tensor.project_gradient))
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """Re-impose the constraint on the current weights (update mode, after each step)."""
+        for tensor in self.tensors:
+            write_full_param(tensor.param, tensor.project(read_full_param(tensor.param)))
+
+    @torch.no_grad()
+    def leakage(self) -> LeakageReport:
+        """||dW U||_F / ||dW||_F (and ||V^T dW||_F / ||dW||_F), summed over protected modules."""
+        report = LeakageReport()
+        for name, full in self._full.items():
+            if full.initial_weight_cpu is None:
+                continue
+            tensor = full.weight
+            weight = read_full_param(tensor.param)
+            update_sq = (weight - full.initial_weight_cpu.to(weight.device)).square().sum().item()
+            input_sq = output_sq = 0.0
+            if tensor.input_basis is not None:
+                input_sq = (weight @ tensor.input_basis - tensor.input_target).square().sum().item()
+            if tensor.output_basis is not None:
+                output_sq = (tensor.output_basis.T @ weight - tensor.output_target).square().sum().item()
+            report.add(name, update_sq, input_sq, output_sq)
+        for name, lora in self._lora.items():
+            update_sq = input_sq = output_sq = 0.0
+            for lora_a, lora_b, scaling in lora.factors:
+                a = read_full_param(lora_a.param)
+                b = read_full_param(lora_b.param)
+                # ||s B A X||_F^2 = s^2 tr((B^T B)(A X)(A X)^T): r x r work instead of d_out x d_in.
+                btb = b.T @ b
+                update_sq += scaling**2 * torch.trace(btb @ (a @ a.T)).item()
+                if lora.input_basis is not None:
+                    au = a @ lora.input_basis
+                    input_sq += scaling**2 * torch.trace(btb @ (au @ au.T)).item()
+                if lora.output_basis is not None:
+                    vb = lora.output_basis.T @ b
+                    output_sq += scaling**2 * torch.trace((vb.T @ vb) @ (a @ a.T)).item()
+            report.add(name, update_sq, input_sq, output_sq)
+        return report
+
+
+def _has_basis(tensor: ProtectedTensor) -> bool:
+    return tensor.input_basis is not None or tensor.output_basis is not None
+

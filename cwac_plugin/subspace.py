@@ -1,0 +1,484 @@
+"""The safety subspace: computing it on the aligned model, and its safetensors file.
+
+File format (read by others, so kept plain): one safetensors file, one entry per protected
+module keyed by its name in the base model (`model.layers.3.self_attn.q_proj`):
+`<name>.input_basis` (d_in x k, orthonormal columns) and optionally `<name>.output_basis`
+(d_out x k'), float32. String metadata: format, model, model_type, hidden_size,
+num_hidden_layers, method, rank, energy, output_rank and the data it was computed on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cwac_plugin.config import CWACConfig
+from cwac_plugin.data import Batches, load_examples
+
+FORMAT = "cwac-subspace/1"
+ORTHONORMAL_TOL = 1e-4
+
+
+class SubspaceError(ValueError):
+    """A subspace file is missing, malformed, or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding protected modules by their base-model names, through PEFT and DeepSpeed wrappers.
+# ---------------------------------------------------------------------------------------------
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The plain transformers model under DeepSpeed's engine and PEFT's wrapper."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _is_lora_wrapper(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def linear_of(module: nn.Module) -> nn.Module:
+    """The linear layer holding the base weight (PEFT wraps it as `base_layer`)."""
+    return module.get_base_layer() if _is_lora_wrapper(module) else module
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def find_target_modules(
+    model: nn.Module, target_modules: Iterable[str], layers: Iterable[int] | None = None
+) -> dict[str, nn.Module]:
+    """Linear modules whose last name component is in `target_modules` (base-model names)."""
+    targets = set(target_modules)
+    wanted_layers = set(layers) if layers is not None else None
+    found = {}
+    for name, module in base_model_of(model).named_modules():
+        if name.rsplit(".", 1)[-1] not in targets or not isinstance(linear_of(module), nn.Linear):
+            continue
+        if wanted_layers is not None:
+            match = _LAYER_INDEX.search(f".{name}.")
+            if match is None or int(match.group(1)) not in wanted_layers:
+                continue
+        found[name] = module
+    return found
+
+
+def resolve_modules(model: nn.Module, names: Iterable[str], source: str) -> dict[str, nn.Module]:
+    """Look modules up by base-model name; a missing one means the subspace is for another model."""
+    available = dict(base_model_of(model).named_modules())
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise SubspaceError(
+            f"{source} protects modules this model does not have (e.g. {missing[0]!r}; "
+            f"{len(missing)} missing): it was computed for another model. Rerun `cwac subspace` "
+            "on this model, or point cwac.subspace at the right file"
+        )
+    return {name: available[name] for name in names}
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a linear layer, also when 4-bit packed or ZeRO-3 partitioned."""
+    linear = linear_of(module)
+    return linear.out_features, linear.in_features
+
+
+# ---------------------------------------------------------------------------------------------
+# The subspace object and its file.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Subspace:
+    input_bases: dict[str, Tensor]
+    output_bases: dict[str, Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str = "<in memory>"
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted(set(self.input_bases) | set(self.output_bases))
+
+    def input_basis(self, name: str, device: torch.device | str = "cpu") -> Tensor | None:
+        basis = self.input_bases.get(name)
+        return None if basis is None else basis.to(device=device, dtype=torch.float32)
+
+    def output_basis(self, name: str, device: torch.device | str = "cpu") -> Tensor | None:
+        basis = self.output_bases.get(name)
+        return None if basis is None else basis.to(device=device, dtype=torch.float32)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a crash leaves either the old file or none, never a partial one."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{name}.input_basis": b.contiguous().float() for name, b in self.input_bases.items()}
+        tensors |= {f"{name}.output_basis": b.contiguous().float() for name, b in self.output_bases.items()}
+        metadata = {"format": FORMAT, **{k: str(v) for k, v in self.metadata.items()}}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.path = str(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, key: str = "cwac.subspace") -> Subspace:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SubspaceError(
+                f"{key}: {path} does not exist. Compute it first with `cwac subspace CONFIG.yml` "
+                "(it writes the file named in cwac.subspace)"
+            )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise SubspaceError(f"{key}: {path} is not a readable safetensors file ({err})") from err
+        if metadata.get("format") != FORMAT:
+            raise SubspaceError(
+                f"{key}: {path} is not a CWAC subspace file (metadata format={metadata.get('format')!r}, "
+                f"expected {FORMAT!r}); compute one with `cwac subspace`"
+            )
+        subspace = cls({}, {}, metadata, str(path))
+        for name, tensor in tensors.items():
+            module, _, kind = name.rpartition(".")
+            if kind == "input_basis":
+                subspace.input_bases[module] = tensor
+            elif kind == "output_basis":
+                subspace.output_bases[module] = tensor
+            else:
+                raise SubspaceError(f"{key}: {path} has an unexpected entry {name!r}")
+        if not subspace.module_names:
+            raise SubspaceError(f"{key}: {path} protects no module")
+        for name, basis in [*subspace.input_bases.items(), *subspace.output_bases.items()]:
+            _check_orthonormal(basis, f"{key}: {path}, {name}")
+        return subspace
+
+    def check_shapes(self, modules: dict[str, nn.Module]) -> None:
+        """Each basis must span the module's input (or output) space: catches another model's file."""
+        for name, module in modules.items():
+            d_out, d_in = module_dims(module)
+            for side, basis, dim in (("input", self.input_bases.get(name), d_in), ("output", self.output_bases.get(name), d_out)):
+                if basis is not None and basis.shape[0] != dim:
+                    raise SubspaceError(
+                        f"{self.path}: {name}.{side}_basis has {basis.shape[0]} rows but the module's "
+                        f"{side} dimension is {dim}: the subspace was computed for another model "
+                        f"({self.metadata.get('model', 'unknown')}). Rerun `cwac subspace` on this model"
+                    )
+
+
+def _check_orthonormal(basis: Tensor, where: str) -> None:
+    if basis.ndim != 2 or basis.shape[1] > basis.shape[0]:
+        raise SubspaceError(f"{where}: a basis must be a d x k matrix with k <= d, got {tuple(basis.shape)}")
+    gram = basis.double().T @ basis.double()
+    error = (gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max().item()
+    if error > ORTHONORMAL_TOL:
+        raise SubspaceError(f"{where}: basis columns are not orthonormal (max |U^T U - I| = {error:.2e})")
+
+
+# ---------------------------------------------------------------------------------------------
+# From second moments (or a weight delta) to bases.
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_rank(eigenvalues: Tensor, rank: int | None, energy: float | None) -> int:
+    """k from a descending spectrum: fixed `rank`, or the smallest k holding `energy` of it.
+
+    Only positive eigenvalues count: the contrastive moment C_s - beta C_b is indefinite and its
+    negative directions are the ones benign data uses more than safety data.
+    """
+    positive = eigenvalues.clamp(min=0)
+    available = int((positive > 0).sum().item())
+    k = available if rank is None else min(rank, available)
+    if energy is not None and available:
+        fraction = positive.cumsum(0) / positive.sum()
+        k = min(k, int((fraction < energy - 1e-12).sum().item()) + 1)
+    return max(k, 1)
+
+
+def top_eigenvectors(moment: Tensor, rank: int | None, energy: float | None) -> Tensor:
+    """Orthonormal columns spanning the top of a symmetric matrix's spectrum (float64 solve)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment.double().cpu())
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    k = choose_rank(eigenvalues, rank, energy)
+    return eigenvectors[:, :k].float().contiguous()
+
+
+def check_rank_fits(modules: dict[str, nn.Module], rank: int | None, output_rank: int) -> None:
+    for name, module in modules.items():
+        d_out, d_in = module_dims(module)
+        if rank is not None and rank > d_in:
+            raise SubspaceError(
+                f"cwac.rank = {rank} exceeds the input dimension {d_in} of {name}; lower cwac.rank "
+                "(or use cwac.energy)"
+            )
+        if output_rank > d_out:
+            raise SubspaceError(
+                f"cwac.output_rank = {output_rank} exceeds the output dimension {d_out} of {name}; "
+                "lower cwac.output_rank"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming statistics over a data set, accumulated in float32 on the model's device.
+# ---------------------------------------------------------------------------------------------
+
+
+class _MomentAccumulator:
+    """Sums x^T x per module over non-padding tokens, from forward hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module], outputs: bool):
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.tokens = 0
+        self.mask: Tensor | None = None
+        self._handles = []
+        for name, module in modules.items():
+            linear = linear_of(module)
+            self._handles.append(linear.register_forward_hook(self._hook(name, outputs)))
+
+    def _hook(self, name: str, outputs: bool) -> Callable:
+        def hook(_module, args, output):
+            self._add(self.inputs, name, args[0])
+            if outputs:
+                self._add(self.outputs, name, output)
+
+        return hook
+
+    def _add(self, store: dict[str, Tensor], name: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])[self.mask].float()
+        if name not in store:
+            store[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        store[name].addmm_(x.T, x)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def activation_moments(
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, Tensor]], outputs: bool, desc: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """E[x x^T] of each module's inputs (and outputs) over the non-padding tokens of `batches`."""
+    accumulator = _MomentAccumulator(modules, outputs)
+    try:
+        for batch in tqdm(batches, desc=f"{desc} activations", unit="batch"):
+            accumulator.mask = batch["attention_mask"].reshape(-1).bool()
+            accumulator.tokens += int(accumulator.mask.sum())
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        accumulator.remove()
+    n = max(accumulator.tokens, 1)
+    return (
+        {k: v / n for k, v in accumulator.inputs.items()},
+        {k: v / n for k, v in accumulator.outputs.items()},
+        accumulator.tokens,
+    )
+
+
+def gradient_moments(
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, Tensor]], outputs: bool, desc: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """Means over batches of G^T G (and G G^T), G a module's refusal-loss weight gradient.
+
+    G = sum_t g_t x_t^T is assembled from the module's input x and output gradient g, so no
+    weight needs requires_grad: the same code serves a 4-bit model, whose weights have no grad.
+    Its top singular directions are the ones gradient projection memory protects.
+    """
+    grads_in: dict[str, Tensor] = {}
+    grads_out: dict[str, Tensor] = {}
+    captured: dict[str, Tensor] = {}
+    mask: Tensor | None = None
+    tokens = n_batches = 0
+
+    def accumulate(store: dict[str, Tensor], name: str, value: Tensor) -> None:
+        if name in store:
+            store[name] += value
+        else:
+            store[name] = value
+
+    def make_hook(name: str):
+        def hook(_module, args, output):
+            captured[name] = args[0].detach().reshape(-1, args[0].shape[-1])[mask].float()
+
+            def on_grad(grad):
+                g = grad.reshape(-1, grad.shape[-1])[mask].float()
+                weight_grad = g.T @ captured.pop(name)  # d_out x d_in
+                accumulate(grads_in, name, weight_grad.T @ weight_grad)
+                if outputs:
+                    accumulate(grads_out, name, weight_grad @ weight_grad.T)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    handles = [linear_of(m).register_forward_hook(make_hook(name)) for name, m in modules.items()]
+    embeddings = model.get_input_embeddings()
+    try:
+        for batch in tqdm(batches, desc=f"{desc} gradients", unit="batch"):
+            mask = batch["attention_mask"].reshape(-1).bool()
+            tokens += int(mask.sum())
+            n_batches += 1
+            inputs_embeds = embeddings(batch["input_ids"]).detach().requires_grad_(True)
+            out = model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+            out.loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = max(n_batches, 1)
+    return {k: v / n for k, v in grads_in.items()}, {k: v / n for k, v in grads_out.items()}, tokens
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The float32 weight of a linear layer, dequantising bitsandbytes 4-bit weights."""
+    linear = linear_of(module)
+    weight = linear.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.detach().float()
+
+
+def delta_bases(
+    modules: dict[str, nn.Module],
+    base_modules: dict[str, nn.Module],
+    rank: int | None,
+    energy: float | None,
+    output_rank: int,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """SafeLoRA-style: top singular vectors of W_aligned - W_base."""
+    inputs, outputs = {}, {}
+    for name in tqdm(modules, desc="alignment deltas", unit="module"):
+        delta = (dense_weight(modules[name]).cpu() - dense_weight(base_modules[name]).cpu()).double()
+        left, singular, right_t = torch.linalg.svd(delta, full_matrices=False)
+        spectrum = singular.square()
+        k = choose_rank(spectrum, rank, energy)
+        inputs[name] = right_t[:k].T.float().contiguous()
+        if output_rank:
+            outputs[name] = left[:, : choose_rank(spectrum, output_rank, None)].float().contiguous()
+    return inputs, outputs
+
+
+def bases_from_moments(
+    moments_in: dict[str, Tensor],
+    moments_out: dict[str, Tensor],
+    rank: int | None,
+    energy: float | None,
+    output_rank: int,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    inputs = {
+        name: top_eigenvectors(m, rank, energy) for name, m in tqdm(moments_in.items(), desc="eigenbases", unit="module")
+    }
+    outputs = {name: top_eigenvectors(m, output_rank, None) for name, m in moments_out.items()} if output_rank else {}
+    return inputs, outputs
+
+
+def model_metadata(model: nn.Module) -> dict[str, str]:
+    config = base_model_of(model).config
+    return {
+        "model": str(getattr(config, "_name_or_path", "")),
+        "model_type": str(getattr(config, "model_type", "")),
+        "hidden_size": str(getattr(config, "hidden_size", "")),
+        "num_hidden_layers": str(getattr(config, "num_hidden_layers", "")),
+    }
+
+
+def check_model_matches(subspace: Subspace, model: nn.Module) -> None:
+    """Architecture fields must agree; a different path to the same architecture is fine."""
+    current = model_metadata(model)
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        stored = subspace.metadata.get(key)
+        if stored and current[key] and stored != current[key]:
+            raise SubspaceError(
+                f"cwac.subspace: {subspace.path} was computed for {subspace.metadata.get('model')!r} "
+                f"({key}={stored}) but this model has {key}={current[key]}. Rerun `cwac subspace` on "
+                "this model"
+            )
+
+
+def describe(subspace: Subspace) -> str:
+    ranks = sorted({b.shape[1] for b in subspace.input_bases.values()})
+    return json.dumps(
+        {
+            "modules": len(subspace.module_names),
+            "input_ranks": [ranks[0], ranks[-1]] if ranks else [],
+            "output_bases": len(subspace.output_bases),
+            **{k: subspace.metadata.get(k) for k in ("model", "method")},
+        }
+    )
+
+
+def compute_subspace(model: nn.Module, tokenizer, cfg: CWACConfig, max_length: int) -> Subspace:
+    """Compute the safety subspace of the aligned `model` as the `cwac` block describes."""
+    modules = find_target_modules(model, cfg.target_modules, cfg.layers)
+    if not modules:
+        linear_names = [n for n, m in base_model_of(model).named_modules() if isinstance(m, nn.Linear)][:4]
+        raise SubspaceError(
+            f"cwac.target_modules {cfg.target_modules} (layers {cfg.layers}) match no linear module of "
+            f"the model; its linear modules are named like {linear_names}"
+        )
+    check_rank_fits(modules, cfg.rank, cfg.output_rank)
+    metadata = model_metadata(model) | {
+        "method": cfg.subspace_method,
+        "rank": cfg.rank,
+        "energy": cfg.energy,
+        "output_rank": cfg.output_rank,
+        "target_modules": ",".join(cfg.target_modules),
+    }
+    model.eval()
+    if cfg.subspace_method == "delta":
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(cfg.delta_base_model, dtype=torch.float32)
+        base_modules = resolve_modules(base, modules, source=f"cwac.delta_base_model {cfg.delta_base_model}")
+        inputs, outputs = delta_bases(modules, base_modules, cfg.rank, cfg.energy, cfg.output_rank)
+        metadata["delta_base_model"] = cfg.delta_base_model
+        return Subspace(inputs, outputs, metadata)
+
+    if not cfg.safety_data:
+        raise SubspaceError(f"cwac.safety_data is required by cwac.subspace_method {cfg.subspace_method!r}")
+    device = next(model.parameters()).device
+    moments = activation_moments if cfg.subspace_method == "activation" else gradient_moments
+    want_outputs = cfg.output_rank > 0
+
+    def moments_of(key: str, path: str):
+        examples = load_examples(path, key, cfg.max_examples)
+        batches = Batches(tokenizer, examples, max_length, cfg.batch_size, device)
+        return *moments(model, modules, batches, want_outputs, desc=key), len(examples)
+
+    moments_in, moments_out, tokens, n_safety = moments_of("cwac.safety_data", cfg.safety_data)
+    metadata |= {"safety_data": cfg.safety_data, "safety_examples": n_safety, "safety_tokens": tokens}
+    if cfg.contrast_data:
+        contrast_in, contrast_out, tokens, n_contrast = moments_of("cwac.contrast_data", cfg.contrast_data)
+        moments_in = {k: v - cfg.contrast_beta * contrast_in[k] for k, v in moments_in.items()}
+        moments_out = {k: v - cfg.contrast_beta * contrast_out[k] for k, v in moments_out.items()}
+        metadata |= {
+            "contrast_data": cfg.contrast_data,
+            "contrast_beta": cfg.contrast_beta,
+            "contrast_examples": n_contrast,
+            "contrast_tokens": tokens,
+        }
+    inputs, outputs = bases_from_moments(moments_in, moments_out, cfg.rank, cfg.energy, cfg.output_rank)
+    return Subspace(inputs, outputs, metadata)
