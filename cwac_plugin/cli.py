@@ -50,15 +50,16 @@ def subspace(config: Path, output: Path | None):
     from axolotl.cli.utils.load import load_model_and_tokenizer
 
     from cwac_plugin.plugin import settings_from
-    from cwac_plugin.subspace import compute_subspace, describe
+    from cwac_plugin.subspace import SubspaceData, compute_subspace, describe
 
     cfg = load_axolotl_config(config)
     settings = settings_from(cfg)
     target = output or settings.subspace
     if target is None:
         raise click.UsageError(f"{config}: set cwac.subspace (the file to write) or pass --output")
+    data = SubspaceData.load(settings)  # data errors surface before the model is loaded
     model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
-    result = compute_subspace(model, tokenizer, settings, max_length=settings.max_length or cfg.sequence_len)
+    result = compute_subspace(model, tokenizer, settings, settings.max_length or cfg.sequence_len, data)
     path = result.save(target)
     click.echo(f"wrote {path}: {describe(result)}")
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cwac_plugin.config import CWACConfig
-from cwac_plugin.data import Batches, load_examples
+from cwac_plugin.data import Batches, Example, load_examples
 
 FORMAT = "cwac-subspace/1"
 ORTHONORMAL_TOL = 1e-4
@@ -430,7 +430,28 @@ def describe(subspace: Subspace) -> str:
     )
 
 
-def compute_subspace(model: nn.Module, tokenizer, cfg: CWACConfig, max_length: int) -> Subspace:
+@dataclass
+class SubspaceData:
+    """The prompt sets a subspace is computed from, read before any model is loaded."""
+
+    safety: list[Example]
+    contrast: list[Example] | None = None
+
+    @classmethod
+    def load(cls, cfg: CWACConfig) -> SubspaceData | None:
+        """None for the delta method, which needs weights, not data."""
+        if cfg.subspace_method == "delta":
+            return None
+        if not cfg.safety_data:
+            raise SubspaceError(f"cwac.safety_data is required by cwac.subspace_method {cfg.subspace_method!r}")
+        safety = load_examples(cfg.safety_data, "cwac.safety_data", cfg.max_examples)
+        contrast = load_examples(cfg.contrast_data, "cwac.contrast_data", cfg.max_examples) if cfg.contrast_data else None
+        return cls(safety, contrast)
+
+
+def compute_subspace(
+    model: nn.Module, tokenizer, cfg: CWACConfig, max_length: int, data: SubspaceData | None = None
+) -> Subspace:
     """Compute the safety subspace of the aligned `model` as the `cwac` block describes."""
     modules = find_target_modules(model, cfg.target_modules, cfg.layers)
     if not modules:
@@ -457,27 +478,25 @@ def compute_subspace(model: nn.Module, tokenizer, cfg: CWACConfig, max_length: i
         metadata["delta_base_model"] = cfg.delta_base_model
         return Subspace(inputs, outputs, metadata)
 
-    if not cfg.safety_data:
-        raise SubspaceError(f"cwac.safety_data is required by cwac.subspace_method {cfg.subspace_method!r}")
+    data = data or SubspaceData.load(cfg)
     device = next(model.parameters()).device
     moments = activation_moments if cfg.subspace_method == "activation" else gradient_moments
     want_outputs = cfg.output_rank > 0
 
-    def moments_of(key: str, path: str):
-        examples = load_examples(path, key, cfg.max_examples)
+    def moments_of(key: str, examples: list[Example]):
         batches = Batches(tokenizer, examples, max_length, cfg.batch_size, device)
-        return *moments(model, modules, batches, want_outputs, desc=key), len(examples)
+        return moments(model, modules, batches, want_outputs, desc=key)
 
-    moments_in, moments_out, tokens, n_safety = moments_of("cwac.safety_data", cfg.safety_data)
-    metadata |= {"safety_data": cfg.safety_data, "safety_examples": n_safety, "safety_tokens": tokens}
-    if cfg.contrast_data:
-        contrast_in, contrast_out, tokens, n_contrast = moments_of("cwac.contrast_data", cfg.contrast_data)
+    moments_in, moments_out, tokens = moments_of("cwac.safety_data", data.safety)
+    metadata |= {"safety_data": cfg.safety_data, "safety_examples": len(data.safety), "safety_tokens": tokens}
+    if data.contrast:
+        contrast_in, contrast_out, tokens = moments_of("cwac.contrast_data", data.contrast)
         moments_in = {k: v - cfg.contrast_beta * contrast_in[k] for k, v in moments_in.items()}
         moments_out = {k: v - cfg.contrast_beta * contrast_out[k] for k, v in moments_out.items()}
         metadata |= {
             "contrast_data": cfg.contrast_data,
             "contrast_beta": cfg.contrast_beta,
-            "contrast_examples": n_contrast,
+            "contrast_examples": len(data.contrast),
             "contrast_tokens": tokens,
         }
     inputs, outputs = bases_from_moments(moments_in, moments_out, cfg.rank, cfg.energy, cfg.output_rank)

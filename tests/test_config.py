@@ -1,0 +1,80 @@
+"""The `cwac` block: pydantic validation alone, inside Axolotl's config, and its errors in use."""
+
+import pytest
+import yaml
+from conftest import axolotl_config, run
+from pydantic import ValidationError
+
+from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
+
+
+def test_defaults():
+    cfg = CWACConfig(subspace="s.safetensors")
+    assert cfg.subspace_method == "activation" and cfg.projection == "update"
+    assert cfg.rank == 16 and cfg.energy is None and cfg.output_rank == 0
+    assert cfg.target_modules == DEFAULT_TARGET_MODULES and cfg.weight_constraint
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({}, "cwac.subspace is required while cwac.weight_constraint is true"),
+        ({"subspace": "s", "subspace_method": "delta"}, "needs cwac.delta_base_model"),
+        ({"subspace": "s", "rank": None}, r"set cwac.rank \(a fixed k\) or cwac.energy"),
+        ({"subspace": "s", "projection": "both"}, "projection"),
+        ({"subspace": "s", "rank": 0}, "rank"),
+        ({"subspace": "s", "energy": 1.5}, "energy"),
+        ({"subspace": "s", "ranks": 4}, "ranks"),
+        ({"subspace": "s", "layers": [-1]}, "cwac.layers"),
+    ],
+)
+def test_invalid_blocks_name_the_key(block, message):
+    with pytest.raises(ValidationError, match=message):
+        CWACConfig(**block)
+
+
+def test_weight_constraint_off_needs_no_subspace():
+    assert CWACConfig(weight_constraint=False).subspace is None
+
+
+def test_block_survives_axolotl_validation_and_typos_fail(tmp_path, tiny_model, data_files):
+    """Axolotl drops unknown keys silently unless the plugin registered its schema first."""
+    from axolotl.cli.config import load_cfg
+
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"rank": 5, "projection": "gradient"})
+    cfg = load_cfg(str(config))
+    assert cfg.cwac["rank"] == 5 and cfg.cwac["projection"] == "gradient"
+    assert cfg.cwac["target_modules"] == DEFAULT_TARGET_MODULES  # defaults filled in by our model
+
+    raw = yaml.safe_load(config.read_text())
+    raw["cwac"]["rnak"] = 5
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(Exception, match="rnak"):
+        load_cfg(str(config))
+
+
+def test_plugin_without_block_is_an_error():
+    from cwac_plugin.plugin import CWACPlugin
+
+    with pytest.raises(ValueError, match="no `cwac:` block"):
+        CWACPlugin().pre_model_load({"cwac": None})
+
+
+def test_training_with_missing_subspace_fails_before_model_load(tmp_path, tiny_model, data_files):
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"subspace": str(tmp_path / "nope.safetensors")})
+    proc = run(["axolotl", "train", str(config)], cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "nope.safetensors does not exist. Compute it first with `cwac subspace" in output
+    assert "Loading weights" not in output  # failed before the model was loaded
+
+
+def test_subspace_cli_reports_data_errors(tmp_path, tiny_model, data_files):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"safety_data": str(bad)})
+    proc = run(["cwac", "subspace", str(config)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"cwac.safety_data: {bad}:2 needs string fields 'prompt' and 'response'" in proc.stderr
+    assert "Loading weights" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "subspace.safetensors").exists()

@@ -1,0 +1,196 @@
+"""Subspace computation (activation, contrastive, gradient, delta) and the subspace file."""
+
+import pytest
+import torch
+from test_projection import orthonormal, tiny_llama
+from torch import nn
+
+from cwac_plugin.config import CWACConfig
+from cwac_plugin.subspace import (
+    Subspace,
+    SubspaceError,
+    activation_moments,
+    bases_from_moments,
+    choose_rank,
+    compute_subspace,
+    find_target_modules,
+    gradient_moments,
+)
+
+PAD = 0
+
+
+class PlantedInputs(nn.Module):
+    """Inputs of `proj` lie in span(lift) for real tokens; padding adds a large outside direction."""
+
+    def __init__(self, lift: torch.Tensor, outside: torch.Tensor):
+        super().__init__()
+        self.emb = nn.Embedding(32, lift.shape[1])
+        self.register_buffer("lift", lift)
+        self.register_buffer("outside", outside)
+        self.proj = nn.Linear(lift.shape[0], 5)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        hidden = self.emb(input_ids) @ self.lift.T + 100.0 * (input_ids == PAD).unsqueeze(-1) * self.outside
+        return self.proj(hidden)
+
+
+def padded_batches(token_sets: list[list[int]]) -> list[dict]:
+    width = max(map(len, token_sets))
+    ids = torch.tensor([t + [PAD] * (width - len(t)) for t in token_sets])
+    return [{"input_ids": ids, "attention_mask": (ids != PAD).long()}]
+
+
+def spans(basis: torch.Tensor, target: torch.Tensor) -> bool:
+    return torch.allclose(basis @ (basis.T @ target), target, atol=1e-4) and basis.shape[1] == target.shape[1]
+
+
+def test_activation_basis_spans_planted_inputs_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    basis = orthonormal(12, 4, g)
+    lift, outside = basis[:, :3], basis[:, 3]
+    model = PlantedInputs(lift, outside)
+    batches = padded_batches([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])  # ragged: padding present
+    moments, _, tokens = activation_moments(model, {"proj": model.proj}, batches, outputs=False, desc="t")
+    assert tokens == 10
+    (u,) = bases_from_moments(moments, {}, rank=3, energy=None, output_rank=0)[0].values()
+    assert spans(u, lift)
+    assert (u.T @ outside).abs().max() < 1e-4
+
+
+def test_contrastive_basis_drops_directions_benign_data_uses_more():
+    g = torch.Generator().manual_seed(1)
+    basis = orthonormal(12, 5, g)
+    safety_only, shared = basis[:, :2], basis[:, 2:]
+    model = PlantedInputs(basis, basis[:, 0])
+    hooks = {"proj": model.proj}
+    with torch.no_grad():
+        # safety tokens 1-10 live in the safety-only directions, 11-19 (stronger) in the shared ones,
+        # so plain safety statistics favour the shared directions; benign tokens 20-31 use those more
+        model.emb.weight[1:11, 2:] = 0
+        model.emb.weight[11:20, :2] = 0
+        model.emb.weight[11:20, 2:] *= 4
+        model.emb.weight[20:, :2] = 0
+        model.emb.weight[20:, 2:] *= 8
+    safety, _, _ = activation_moments(model, hooks, padded_batches([list(range(1, 20))]), False, "s")
+    benign, _, _ = activation_moments(model, hooks, padded_batches([list(range(20, 32))]), False, "b")
+    contrastive = {"proj": safety["proj"] - 1.0 * benign["proj"]}
+    (u,) = bases_from_moments(contrastive, {}, rank=2, energy=None, output_rank=0)[0].values()
+    assert spans(u, safety_only)
+    (plain,) = bases_from_moments(safety, {}, rank=2, energy=None, output_rank=0)[0].values()
+    assert (plain.T @ safety_only).abs().max() < 1e-4  # without the contrast: the wrong directions
+
+
+def test_gradient_moments_match_autograd_weight_gradients():
+    model = tiny_llama().eval()
+    modules = find_target_modules(model, ["q_proj", "down_proj"], layers=[1])
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(1, 64, (2, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    moments_in, moments_out, _ = gradient_moments(model, modules, batches, outputs=True, desc="t")
+
+    expected_in = {n: 0 for n in modules}
+    expected_out = {n: 0 for n in modules}
+    for batch in batches:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        for name, module in modules.items():
+            grad = module.weight.grad.double()
+            expected_in[name] = expected_in[name] + grad.T @ grad / len(batches)
+            expected_out[name] = expected_out[name] + grad @ grad.T / len(batches)
+    for name in modules:
+        scale = expected_in[name].abs().max()
+        assert torch.allclose(moments_in[name].double() / scale, expected_in[name] / scale, atol=1e-4)
+        assert torch.allclose(moments_out[name].double() / scale, expected_out[name] / scale, atol=1e-4)
+
+
+def test_delta_method_recovers_planted_alignment_update(tmp_path):
+    base = tiny_llama(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    aligned = tiny_llama(seed=0)
+    g = torch.Generator().manual_seed(3)
+    planted = {}
+    with torch.no_grad():
+        for name, module in find_target_modules(aligned, ["v_proj"]).items():
+            right = orthonormal(module.in_features, 2, g)
+            left = orthonormal(module.out_features, 2, g)
+            module.weight += left @ torch.diag(torch.tensor([3.0, 2.0])) @ right.T
+            planted[name] = (right, left)
+    cfg = CWACConfig(
+        subspace="unused", subspace_method="delta", delta_base_model=str(tmp_path / "base"),
+        target_modules=["v_proj"], rank=2, output_rank=2,
+    )
+    subspace = compute_subspace(aligned, tokenizer=None, cfg=cfg, max_length=16)
+    assert sorted(subspace.module_names) == sorted(planted)
+    for name, (right, left) in planted.items():
+        assert spans(subspace.input_bases[name], right)
+        assert spans(subspace.output_bases[name], left)
+
+
+def test_choose_rank():
+    spectrum = torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0, -3.0])
+    assert choose_rank(spectrum, rank=3, energy=None) == 3
+    assert choose_rank(spectrum, rank=None, energy=0.5) == 1
+    assert choose_rank(spectrum, rank=None, energy=0.75) == 2
+    assert choose_rank(spectrum, rank=2, energy=0.99) == 2  # rank caps the energy choice
+    assert choose_rank(spectrum, rank=10, energy=None) == 5  # negative directions are never kept
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.mark.parametrize("method", ["activation", "gradient"])
+def test_compute_subspace_on_tiny_model_round_trips_through_the_file(tmp_path, tiny_pretrained, data_files, method):
+    model, tokenizer = tiny_pretrained
+    cfg = CWACConfig(
+        safety_data=str(data_files["safety"]), contrast_data=str(data_files["benign"]),
+        subspace=str(tmp_path / "s.safetensors"), subspace_method=method, rank=6, output_rank=3, batch_size=4,
+    )
+    subspace = compute_subspace(model, tokenizer, cfg, max_length=32)
+    assert len(subspace.module_names) == 2 * 7  # two layers, seven linear modules each
+    for name, basis in subspace.input_bases.items():
+        module = dict(model.named_modules())[name]
+        assert basis.shape == (module.in_features, 6)
+        assert subspace.output_bases[name].shape == (module.out_features, 3)
+    path = subspace.save(cfg.subspace)
+    loaded = Subspace.load(path)
+    assert loaded.metadata["method"] == method and loaded.metadata["safety_examples"] == "10"
+    assert loaded.metadata["model_type"] == "llama"
+    for name in subspace.module_names:
+        assert torch.equal(loaded.input_bases[name], subspace.input_bases[name])
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary file left
+
+
+def test_compute_subspace_errors_name_the_key(tiny_pretrained, data_files):
+    model, tokenizer = tiny_pretrained
+    cfg = CWACConfig(safety_data=str(data_files["safety"]), subspace="s", rank=65)
+    with pytest.raises(SubspaceError, match=r"cwac.rank = 65 exceeds the input dimension 64"):
+        compute_subspace(model, tokenizer, cfg, max_length=32)
+    cfg = CWACConfig(safety_data=str(data_files["safety"]), subspace="s", target_modules=["qkv"])
+    with pytest.raises(SubspaceError, match=r"cwac.target_modules \['qkv'\].*match no linear module"):
+        compute_subspace(model, tokenizer, cfg, max_length=32)
+
+
+def test_subspace_file_errors(tmp_path):
+    with pytest.raises(SubspaceError, match=r"cwac.subspace: .*missing.safetensors does not exist.*cwac subspace"):
+        Subspace.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SubspaceError, match="is not a CWAC subspace file"):
+        Subspace.load(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SubspaceError, match="not a readable safetensors file"):
+        Subspace.load(tmp_path / "junk.safetensors")
+    Subspace({"m": torch.ones(4, 2)}).save(tmp_path / "skewed.safetensors")
+    with pytest.raises(SubspaceError, match="not orthonormal"):
+        Subspace.load(tmp_path / "skewed.safetensors")
