@@ -245,31 +245,36 @@ def check_rank_fits(modules: dict[str, nn.Module], rank: int | None, output_rank
 
 
 class _MomentAccumulator:
-    """Sums x^T x per module over non-padding tokens, from forward hooks."""
+    """Sums x^T x of each module's input over non-padding tokens, from forward hooks.
 
-    def __init__(self, modules: dict[str, nn.Module], outputs: bool):
-        self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, Tensor] = {}
+    q/k/v (and gate/up) read the same input tensor one after another: its product is computed
+    once and added to each, which halves the cost on Llama blocks.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.sums: dict[str, Tensor] = {}
         self.tokens = 0
         self.mask: Tensor | None = None
-        self._handles = []
-        for name, module in modules.items():
-            linear = linear_of(module)
-            self._handles.append(linear.register_forward_hook(self._hook(name, outputs)))
+        self._last: tuple[Tensor, Tensor] | None = None  # (input tensor, its x^T x)
+        self._handles = [linear_of(m).register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
-    def _hook(self, name: str, outputs: bool) -> Callable:
-        def hook(_module, args, output):
-            self._add(self.inputs, name, args[0])
-            if outputs:
-                self._add(self.outputs, name, output)
+    def _hook(self, name: str) -> Callable:
+        def hook(_module, args, _output):
+            x = args[0]
+            if self._last is None or self._last[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1])[self.mask].float()
+                self._last = (x, flat.T @ flat)
+            if name in self.sums:
+                self.sums[name] += self._last[1]
+            else:
+                self.sums[name] = self._last[1].clone()
 
         return hook
 
-    def _add(self, store: dict[str, Tensor], name: str, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])[self.mask].float()
-        if name not in store:
-            store[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        store[name].addmm_(x.T, x)
+    def start_batch(self, attention_mask: Tensor) -> None:
+        self.mask = attention_mask.reshape(-1).bool()
+        self.tokens += int(self.mask.sum())
+        self._last = None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -278,23 +283,29 @@ class _MomentAccumulator:
 
 @torch.no_grad()
 def activation_moments(
-    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, Tensor]], outputs: bool, desc: str
-) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
-    """E[x x^T] of each module's inputs (and outputs) over the non-padding tokens of `batches`."""
-    accumulator = _MomentAccumulator(modules, outputs)
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, Tensor]], desc: str
+) -> tuple[dict[str, Tensor], int]:
+    """E[x x^T] of each module's inputs over the non-padding tokens of `batches`."""
+    accumulator = _MomentAccumulator(modules)
     try:
         for batch in tqdm(batches, desc=f"{desc} activations", unit="batch"):
-            accumulator.mask = batch["attention_mask"].reshape(-1).bool()
-            accumulator.tokens += int(accumulator.mask.sum())
+            accumulator.start_batch(batch["attention_mask"])
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         accumulator.remove()
     n = max(accumulator.tokens, 1)
-    return (
-        {k: v / n for k, v in accumulator.inputs.items()},
-        {k: v / n for k, v in accumulator.outputs.items()},
-        accumulator.tokens,
-    )
+    return {k: v / n for k, v in accumulator.sums.items()}, accumulator.tokens
+
+
+@torch.no_grad()
+def output_moments(modules: dict[str, nn.Module], input_moments: dict[str, Tensor]) -> dict[str, Tensor]:
+    """E[y y^T] = W E[x x^T] W^T of the bias-free part of each output: the directions the module
+    writes on safety inputs, from the input statistics alone (no d_out x d_out sum per batch)."""
+    out = {}
+    for name, moment in input_moments.items():
+        weight = dense_weight(modules[name]).to(moment.device)
+        out[name] = weight @ moment @ weight.T
+    return out
 
 
 def gradient_moments(
@@ -480,12 +491,14 @@ def compute_subspace(
 
     data = data or SubspaceData.load(cfg)
     device = next(model.parameters()).device
-    moments = activation_moments if cfg.subspace_method == "activation" else gradient_moments
-    want_outputs = cfg.output_rank > 0
+    gradient_outputs = cfg.subspace_method == "gradient" and cfg.output_rank > 0
 
     def moments_of(key: str, examples: list[Example]):
         batches = Batches(tokenizer, examples, max_length, cfg.batch_size, device)
-        return moments(model, modules, batches, want_outputs, desc=key)
+        if cfg.subspace_method == "activation":
+            moments_in, tokens = activation_moments(model, modules, batches, desc=key)
+            return moments_in, {}, tokens
+        return gradient_moments(model, modules, batches, gradient_outputs, desc=key)
 
     moments_in, moments_out, tokens = moments_of("cwac.safety_data", data.safety)
     metadata |= {"safety_data": cfg.safety_data, "safety_examples": len(data.safety), "safety_tokens": tokens}
@@ -499,5 +512,7 @@ def compute_subspace(
             "contrast_examples": len(data.contrast),
             "contrast_tokens": tokens,
         }
+    if cfg.subspace_method == "activation" and cfg.output_rank:
+        moments_out = output_moments(modules, moments_in)
     inputs, outputs = bases_from_moments(moments_in, moments_out, cfg.rank, cfg.energy, cfg.output_rank)
     return Subspace(inputs, outputs, metadata)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # in-process load_cfg would send telemetry
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TESTS_DIR = Path(__file__).parent
 sys.path.insert(0, str(TESTS_DIR))
 

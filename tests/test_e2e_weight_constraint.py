@@ -70,8 +70,9 @@ def logged_leakage(out_dir: Path) -> list[float]:
     return [entry["cwac/leakage"] for entry in history if "loss" in entry]
 
 
-def train_and_check(tmp, tiny_model, data_files, subspace_file, saves_adapter: bool, launcher=(), **overrides):
-    config = axolotl_config(tmp, tiny_model, data_files, cwac={"subspace": str(subspace_file)}, **overrides)
+def train_and_check(tmp, tiny_model, data_files, subspace_file, saves_adapter: bool, launcher=(), cwac=None, **overrides):
+    cwac = {"subspace": str(subspace_file), **(cwac or {})}
+    config = axolotl_config(tmp, tiny_model, data_files, cwac=cwac, **overrides)
     check_ok(run(["axolotl", "train", str(config), *launcher], cwd=tmp))
     subspace = Subspace.load(subspace_file)
     norm, input_leakage, output_leakage = leakage_of(
@@ -129,8 +130,16 @@ def test_deepspeed_zero2_full_finetune(tmp_path, tiny_model, data_files, subspac
     )
 
 
-def test_deepspeed_zero3_lora(tmp_path, tiny_model, data_files, subspace_file):
+@pytest.mark.parametrize(
+    "projection",
+    [
+        {"cwac": {"projection": "update"}},
+        # gradient mode is exact for SGD: this checks the tensor hooks under ZeRO-3's partitioning
+        {"cwac": {"projection": "gradient"}, "optimizer": "sgd", "learning_rate": 0.5},
+    ],
+    ids=["update", "gradient-sgd"],
+)
+def test_deepspeed_zero3_lora(tmp_path, tiny_model, data_files, subspace_file, projection):
     zero3 = {**DEEPSPEED, "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
-    train_and_check(
-        tmp_path, tiny_model, data_files, subspace_file, saves_adapter=True, launcher=TORCHRUN, deepspeed=zero3, **LORA
-    )
+    overrides = {**LORA, "deepspeed": zero3, **projection}
+    train_and_check(tmp_path, tiny_model, data_files, subspace_file, saves_adapter=True, launcher=TORCHRUN, **overrides)

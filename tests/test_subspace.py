@@ -15,6 +15,7 @@ from cwac_plugin.subspace import (
     compute_subspace,
     find_target_modules,
     gradient_moments,
+    output_moments,
 )
 
 PAD = 0
@@ -51,11 +52,23 @@ def test_activation_basis_spans_planted_inputs_and_ignores_padding():
     lift, outside = basis[:, :3], basis[:, 3]
     model = PlantedInputs(lift, outside)
     batches = padded_batches([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])  # ragged: padding present
-    moments, _, tokens = activation_moments(model, {"proj": model.proj}, batches, outputs=False, desc="t")
+    moments, tokens = activation_moments(model, {"proj": model.proj}, batches, desc="t")
     assert tokens == 10
     (u,) = bases_from_moments(moments, {}, rank=3, energy=None, output_rank=0)[0].values()
     assert spans(u, lift)
     assert (u.T @ outside).abs().max() < 1e-4
+
+
+def test_output_moments_equal_the_second_moment_of_the_weight_part_of_outputs():
+    g = torch.Generator().manual_seed(4)
+    model = PlantedInputs(orthonormal(12, 4, g), torch.zeros(12))
+    batches = padded_batches([[1, 2, 3, 4, 5], [6, 7, 8]])
+    moments, tokens = activation_moments(model, {"proj": model.proj}, batches, desc="t")
+    with torch.no_grad():
+        ids = batches[0]["input_ids"]
+        outputs = (model(ids) - model.proj.bias)[ids != PAD]
+    expected = outputs.T @ outputs / tokens
+    assert torch.allclose(output_moments({"proj": model.proj}, moments)["proj"], expected, atol=1e-5)
 
 
 def test_contrastive_basis_drops_directions_benign_data_uses_more():
@@ -72,8 +85,8 @@ def test_contrastive_basis_drops_directions_benign_data_uses_more():
         model.emb.weight[11:20, 2:] *= 4
         model.emb.weight[20:, :2] = 0
         model.emb.weight[20:, 2:] *= 8
-    safety, _, _ = activation_moments(model, hooks, padded_batches([list(range(1, 20))]), False, "s")
-    benign, _, _ = activation_moments(model, hooks, padded_batches([list(range(20, 32))]), False, "b")
+    safety, _ = activation_moments(model, hooks, padded_batches([list(range(1, 20))]), "s")
+    benign, _ = activation_moments(model, hooks, padded_batches([list(range(20, 32))]), "b")
     contrastive = {"proj": safety["proj"] - 1.0 * benign["proj"]}
     (u,) = bases_from_moments(contrastive, {}, rank=2, energy=None, output_rank=0)[0].values()
     assert spans(u, safety_only)
@@ -194,3 +207,19 @@ def test_subspace_file_errors(tmp_path):
     Subspace({"m": torch.ones(4, 2)}).save(tmp_path / "skewed.safetensors")
     with pytest.raises(SubspaceError, match="not orthonormal"):
         Subspace.load(tmp_path / "skewed.safetensors")
+
+
+def test_subspace_for_another_architecture_is_rejected():
+    from cwac_plugin.subspace import check_model_matches
+
+    model = tiny_llama()
+    basis = orthonormal(32, 2, torch.Generator().manual_seed(0))
+    same = Subspace({"model.layers.0.self_attn.q_proj": basis}, metadata={"model_type": "llama", "hidden_size": "32"})
+    check_model_matches(same, model)
+    other = Subspace(
+        {"model.layers.0.self_attn.q_proj": basis},
+        metadata={"model": "Qwen/Qwen2-0.5B", "model_type": "qwen2", "hidden_size": "896"},
+        path="qwen.safetensors",
+    )
+    with pytest.raises(SubspaceError, match=r"qwen.safetensors was computed for 'Qwen/Qwen2-0.5B' \(model_type=qwen2\)"):
+        check_model_matches(other, model)
