@@ -47,8 +47,6 @@ def cwac():
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of cwac.subspace.")
 def subspace(config: Path, output: Path | None):
     """Compute the safety subspace of the aligned model in CONFIG and write cwac.subspace."""
-    from axolotl.cli.utils.load import load_model_and_tokenizer
-
     from cwac_plugin.plugin import settings_from
     from cwac_plugin.subspace import SubspaceData, compute_subspace, describe
 
@@ -58,10 +56,77 @@ def subspace(config: Path, output: Path | None):
     if target is None:
         raise click.UsageError(f"{config}: set cwac.subspace (the file to write) or pass --output")
     data = SubspaceData.load(settings)  # data errors surface before the model is loaded
-    model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
+    model, tokenizer = _load_model(cfg)
     result = compute_subspace(model, tokenizer, settings, settings.max_length or cfg.sequence_len, data)
     path = result.save(target)
     click.echo(f"wrote {path}: {describe(result)}")
+
+
+def _load_model(cfg):
+    from axolotl.cli.utils.load import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
+    return model, tokenizer
+
+
+@cwac.command("train-sae")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Write here instead of cwac.sae.")
+def train_sae_command(config: Path, output: Path | None):
+    """Train a TopK SAE at cwac.hook_point on the safety and contrast data; write cwac.sae."""
+    from cwac_plugin.data import load_examples
+    from cwac_plugin.plugin import settings_from
+    from cwac_plugin.sae import train_sae
+
+    cfg = load_axolotl_config(config)
+    settings = settings_from(cfg)
+    target = output or settings.sae
+    if target is None:
+        raise click.UsageError(f"{config}: set cwac.sae (the SAE directory to write) or pass --output")
+    if not settings.hook_point:
+        raise click.UsageError(f"{config}: set cwac.hook_point (e.g. blocks.6.hook_resid_post)")
+    if not settings.safety_data:
+        raise click.UsageError(f"{config}: set cwac.safety_data (and ideally cwac.contrast_data) to train the SAE on")
+    examples = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
+    if settings.contrast_data:
+        examples += load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
+    model, tokenizer = _load_model(cfg)
+    report = train_sae(model, tokenizer, settings, examples, settings.max_length or cfg.sequence_len, target)
+    click.echo(
+        f"wrote {target}: explained variance {report['explained_variance']:.3f}, L0 {report['l0']:.1f}, "
+        f"dead features {report['dead_features']}/{report['d_sae']} (on {report['tokens']} held-out tokens)"
+    )
+
+
+@cwac.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of cwac.features.")
+@click.option("--top", type=int, default=0, help="Print the N best features with the prompts that fire them most.")
+def features(config: Path, output: Path | None, top: int):
+    """Select the SAE features that separate harmful from benign prompts; write cwac.features."""
+    from cwac_plugin.data import load_examples
+    from cwac_plugin.plugin import settings_from
+    from cwac_plugin.sae import feature_table, load_sae, select_features
+
+    cfg = load_axolotl_config(config)
+    settings = settings_from(cfg)
+    target = output or settings.features
+    if target is None:
+        raise click.UsageError(f"{config}: set cwac.features (the JSON to write) or pass --output")
+    if not (settings.safety_data and settings.contrast_data):
+        raise click.UsageError(f"{config}: cwac.safety_data (harmful) and cwac.contrast_data (benign) are both needed")
+    harmful = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
+    benign = load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
+    sae = load_sae(settings)
+    model, tokenizer = _load_model(cfg)
+    sae.to(next(model.parameters()).device)
+    feature_set, z_harm, _ = select_features(
+        model, tokenizer, sae, settings, harmful, benign, settings.max_length or cfg.sequence_len
+    )
+    feature_set.save(target)
+    click.echo(f"wrote {target}: {len(feature_set.indices)} features at {feature_set.hook_point}")
+    if top:
+        click.echo(feature_table(feature_set, z_harm, harmful, top))
 
 
 def main():

@@ -96,8 +96,67 @@ class CWACConfig(BaseModel):
         "a CPU copy of the protected weights for the denominator.",
     )
 
+    activation_constraint: bool = Field(
+        default=False,
+        description="Penalise drift of safety-critical SAE features (needs `sae` and `features`). "
+        "With weight_constraint this is CWAC; alone it is the activation-only ablation.",
+    )
+    sae: str | None = Field(
+        default=None,
+        description="Local sae-lens SAE directory: written by `cwac train-sae`, or any SAE.save_model output.",
+    )
+    sae_release: str | None = Field(
+        default=None, description="sae-lens pretrained release (needs the hub); used when `sae` is not set."
+    )
+    sae_id: str | None = Field(default=None, description="SAE id within `sae_release`.")
+    hook_point: str | None = Field(
+        default=None,
+        description="Where the SAE reads the residual stream, in TransformerLens names: "
+        "`blocks.L.hook_resid_post` = output of decoder layer L, `blocks.L.hook_resid_pre` = its input. "
+        "Default: the SAE's own metadata.hook_name.",
+    )
+    features: str | None = Field(
+        default=None, description="JSON of selected features: written by `cwac features`, read by training."
+    )
+    num_features: int = Field(default=32, ge=1, description="How many safety-critical features to keep.")
+    feature_score: Literal["standardized", "mean_diff", "auroc"] = Field(
+        default="standardized",
+        description="How a feature's separation of harmful from benign prompts is scored.",
+    )
+    act_lambda: float = Field(default=1.0, ge=0.0, description="Weight lambda of the feature-drift penalty.")
+    act_anchor: Literal["safety", "batch"] = Field(
+        default="safety",
+        description="safety: a fixed set of safety prompts with reference activations from the aligned "
+        "model, one small batch per step. batch: the training batch, referenced against the "
+        "adapter-disabled model (LoRA/QLoRA only).",
+    )
+    anchor_batch_size: int = Field(default=4, ge=1, description="Safety anchors forwarded per step.")
+    anchor_examples: int = Field(default=64, ge=1, description="Safety examples used as anchors.")
+    act_normalize: bool = Field(
+        default=True, description="Divide each feature's drift by its reference scale (mean activation)."
+    )
+    sae_width: int | None = Field(
+        default=None, ge=1, description="Features of an SAE trained by `cwac train-sae` (default 8 x hidden)."
+    )
+    sae_k: int = Field(default=32, ge=1, description="Active features per token of the TopK SAE trained here.")
+    sae_training_tokens: int = Field(default=200_000, ge=1, description="Training samples for `cwac train-sae`.")
+    sae_batch_tokens: int = Field(default=1024, ge=1, description="Tokens per SAE training step.")
+    sae_lr: float = Field(default=1e-3, gt=0.0, description="Learning rate of `cwac train-sae`.")
+
     @model_validator(mode="after")
     def _check_consistency(self) -> CWACConfig:
+        if not (self.weight_constraint or self.activation_constraint):
+            raise ValueError(
+                "cwac.weight_constraint and cwac.activation_constraint are both false: the plugin would do "
+                "nothing. Enable one (both is CWAC), or remove cwac_plugin.CWACPlugin from plugins"
+            )
+        if self.activation_constraint and not self.features:
+            raise ValueError(
+                "cwac.features is required while cwac.activation_constraint is true: set it to the JSON "
+                "`cwac features` writes (e.g. ./cwac/features.json)"
+            )
+        if self.sae_id and not self.sae_release or self.sae_release and not self.sae_id:
+            raise ValueError("cwac.sae_release and cwac.sae_id go together (a sae-lens pretrained SAE)")
         if self.weight_constraint and not self.subspace:
             raise ValueError(
                 "cwac.subspace is required while cwac.weight_constraint is true: set it to the path "

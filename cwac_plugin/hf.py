@@ -1,11 +1,11 @@
 """Driving the constraints from a Hugging Face `Trainer` (and so TRL, LLaMA-Factory, Axolotl).
 
-    constraint = WeightConstraint(trainer.model, Subspace.load(path))   # before trainer.train()
-    install(trainer, constraint)
+    weight = WeightConstraint(trainer.model, Subspace.load(path))      # before trainer.train()
+    install(trainer, weight=weight, activation=None)
 
-`install` adds a `TrainerCallback` and wraps the trainer's bound `log`, the same way Axolotl's
-llm_compressor integration wraps `compute_loss`: it composes with any trainer class and any
-other plugin, where a custom trainer class would not.
+`install` adds a `TrainerCallback` and wraps the trainer's bound `compute_loss` and `log`, the
+way Axolotl's llm_compressor integration wraps `compute_loss`: it composes with any trainer
+class and any other plugin, where a custom trainer class would not.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import logging
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from cwac_plugin.projection import WeightConstraint
+from cwac_plugin.sae import ActivationConstraint
 
 LOG = logging.getLogger(__name__)
 
@@ -27,18 +29,56 @@ class CWACCallback(TrainerCallback):
     the step inside `backward` and the Trainer's own `optimizer.step()` is a no-op.
     """
 
-    def __init__(self, constraint: WeightConstraint):
-        self.constraint = constraint
+    def __init__(self, weight: WeightConstraint | None, activation: ActivationConstraint | None):
+        self.weight = weight
+        self.activation = activation
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.constraint.attach()
+        if self.weight is not None:
+            self.weight.attach()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.constraint.mode == "update":
-            self.constraint.enforce()
+        if self.weight is not None and self.weight.mode == "update":
+            self.weight.enforce()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.constraint.detach()
+        if self.weight is not None:
+            self.weight.detach()
+        if self.activation is not None:
+            self.activation.remove()
+
+
+def aux_loss_scale(trainer: Trainer, num_items_in_batch) -> float:
+    """What to multiply a per-micro-batch mean loss by, inside `compute_loss`, so that it is
+    averaged over gradient accumulation exactly like the main loss.
+
+    The Trainer divides compute_loss's result by the accumulation steps unless the model
+    normalises by `num_items_in_batch` itself (or a `compute_loss_func` does); in that case the
+    main loss is already a share of the accumulated batch and ours must be divided here.
+    """
+    divided_later = (
+        not trainer.model_accepts_loss_kwargs or num_items_in_batch is None
+    ) and trainer.compute_loss_func is None
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+    return 1.0 if divided_later else 1.0 / steps
+
+
+class _ActivationMetrics:
+    """Running sums between two logs; averaged over ranks when logged."""
+
+    def __init__(self):
+        self.sums = torch.zeros(3, dtype=torch.float64)  # act_loss, drift, micro-batches
+
+    def add(self, act_loss: torch.Tensor, drift: torch.Tensor) -> None:
+        self.sums += torch.tensor([act_loss.item(), drift.item(), 1.0], dtype=torch.float64)
+
+    def pop(self, device: torch.device) -> dict[str, float]:
+        sums = self.sums.to(device, copy=True)  # on CPU .to() would alias the running sums
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        self.sums.zero_()
+        count = max(sums[2].item(), 1.0)
+        return {"cwac/act_loss": sums[0].item() / count, "cwac/feature_drift": sums[1].item() / count}
 
 
 def leakage_metrics(constraint: WeightConstraint) -> dict[str, float]:
@@ -49,19 +89,51 @@ def leakage_metrics(constraint: WeightConstraint) -> dict[str, float]:
     return metrics
 
 
-def install(trainer: Trainer, constraint: WeightConstraint, log_leakage: bool = True) -> CWACCallback:
-    """Add the callback and, if asked, merge leakage metrics into every training log."""
-    callback = CWACCallback(constraint)
+def install(
+    trainer: Trainer,
+    weight: WeightConstraint | None = None,
+    activation: ActivationConstraint | None = None,
+    log_leakage: bool = True,
+) -> CWACCallback:
+    """Add the callback, the activation penalty to `compute_loss`, and cwac/* metrics to `log`."""
+    callback = CWACCallback(weight, activation)
     trainer.add_callback(callback)
-    if log_leakage:
+    metrics = _ActivationMetrics()
+
+    if activation is not None:
+        original_compute_loss = trainer.compute_loss
+
+        @functools.wraps(original_compute_loss)
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+            with activation.watching_training_forward() as training_hidden:
+                result = original_compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+                )
+            if not model.training:
+                return result
+            act_loss, drift = activation.loss(model, inputs, training_hidden)
+            metrics.add(act_loss.detach(), drift)
+            scaled = act_loss * aux_loss_scale(trainer, num_items_in_batch)
+            if return_outputs:
+                return result[0] + scaled, result[1]
+            return result + scaled
+
+        trainer.compute_loss = compute_loss
+
+    if (weight is not None and log_leakage) or activation is not None:
         original_log = trainer.log
 
         @functools.wraps(original_log)
         def log(logs: dict[str, float], *args, **kwargs):
-            # Training-step logs only: every rank calls log() for them, which the collective
-            # reads of ZeRO-partitioned weights inside leakage() require.
+            # Training-step logs only: every rank calls log() for them, which the collective reads
+            # of ZeRO-partitioned weights and the metric all-reduce require.
             if "loss" in logs:
-                logs = {**logs, **leakage_metrics(constraint)}
+                extra = {}
+                if weight is not None and log_leakage:
+                    extra |= leakage_metrics(weight)
+                if activation is not None:
+                    extra |= metrics.pop(trainer.args.device)
+                logs = {**logs, **extra}
             return original_log(logs, *args, **kwargs)
 
         trainer.log = log

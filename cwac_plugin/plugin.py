@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-
 from axolotl.integrations.base import BasePlugin
+from axolotl.utils.logging import get_logger
 
 from cwac_plugin.config import CWACConfig
+from cwac_plugin.data import Batches, Example
 from cwac_plugin.hf import install
 from cwac_plugin.projection import WeightConstraint
+from cwac_plugin.sae import ActivationConstraint, FeatureSet, SAEConfigError, load_anchor_examples, load_sae
 from cwac_plugin.subspace import Subspace, check_model_matches
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)  # Axolotl's logger: shown at INFO on rank 0 like Axolotl's own lines
 
 
 def settings_from(cfg) -> CWACConfig:
@@ -26,39 +27,72 @@ def settings_from(cfg) -> CWACConfig:
 
 
 class CWACPlugin(BasePlugin):
-    """Keeps fine-tuning updates out of a precomputed safety subspace."""
+    """Keeps fine-tuning updates out of a safety subspace and safety-critical SAE features in place."""
 
     def __init__(self):
         super().__init__()
         self.subspace: Subspace | None = None
-        self.constraint: WeightConstraint | None = None
+        self.features: FeatureSet | None = None
+        self.sae = None
+        self.anchor_examples: list[Example] | None = None
+        self.weight: WeightConstraint | None = None
+        self.activation: ActivationConstraint | None = None
 
     def get_input_args(self) -> str:
         return "cwac_plugin.config.CWACArgs"
 
     def pre_model_load(self, cfg):
-        """Fail on a missing or malformed subspace file before the model is loaded."""
+        """Read every artifact now: a missing or malformed file fails before the model is loaded."""
         settings = settings_from(cfg)
         if settings.weight_constraint:
             self.subspace = Subspace.load(settings.subspace)
+        if settings.activation_constraint:
+            self.features = FeatureSet.load(settings.features)
+            if settings.hook_point and settings.hook_point != self.features.hook_point:
+                raise SAEConfigError(
+                    f"cwac.hook_point is {settings.hook_point} but {settings.features} was selected at "
+                    f"{self.features.hook_point}; rerun `cwac features` or fix cwac.hook_point"
+                )
+            self.sae = load_sae(settings)
+            self.features.check_against(self.sae)
+            if settings.act_anchor == "safety":
+                self.anchor_examples = load_anchor_examples(settings)
 
     def post_trainer_create(self, cfg, trainer):
-        """Bind the subspace to the trainable tensors while they still hold the initial weights."""
+        """Bind the constraints while the trainable tensors still hold the initial weights."""
         settings = settings_from(cfg)
-        if not settings.weight_constraint:
+        if settings.weight_constraint:
+            check_model_matches(self.subspace, trainer.model)
+            self.weight = WeightConstraint(trainer.model, self.subspace, settings.projection, settings.log_leakage)
+            frozen = len(self.weight.frozen_modules)
+            LOG.info(
+                "CWAC weight constraint (%s mode) on %d modules from %s%s",
+                settings.projection,
+                len(self.weight.module_names),
+                self.subspace.path,
+                f"; {frozen} protected modules are frozen" if frozen else "",
+            )
+        else:
             LOG.warning("cwac.weight_constraint is false: weight updates are not constrained")
-            return
-        check_model_matches(self.subspace, trainer.model)
-        self.constraint = WeightConstraint(trainer.model, self.subspace, settings.projection, settings.log_leakage)
-        install(trainer, self.constraint, settings.log_leakage)
-        LOG.info(
-            "CWAC weight constraint (%s mode) on %d modules from %s%s",
-            settings.projection,
-            len(self.constraint.module_names),
-            self.subspace.path,
-            f"; {len(self.constraint.frozen_modules)} protected modules are frozen" if self.constraint.frozen_modules else "",
-        )
+        if settings.activation_constraint:
+            anchors = None
+            if self.anchor_examples is not None:
+                max_length = settings.max_length or cfg.sequence_len
+                anchors = Batches(
+                    trainer.processing_class, self.anchor_examples, max_length, settings.anchor_batch_size, trainer.args.device
+                )
+            self.activation = ActivationConstraint(trainer.model, self.sae, self.features, settings, anchors)
+            LOG.info(
+                "CWAC activation constraint: %d SAE features at %s, lambda %g, %s anchors",
+                len(self.features.indices),
+                self.features.hook_point,
+                settings.act_lambda,
+                settings.act_anchor,
+            )
+        install(trainer, self.weight, self.activation, settings.log_leakage)
 
     def post_train(self, cfg, model):
-        if self.constraint is not None:
-            self.constraint.detach()
+        if self.weight is not None:
+            self.weight.detach()
+        if self.activation is not None:
+            self.activation.remove()

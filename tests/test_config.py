@@ -26,6 +26,9 @@ def test_defaults():
         ({"subspace": "s", "energy": 1.5}, "energy"),
         ({"subspace": "s", "ranks": 4}, "ranks"),
         ({"subspace": "s", "layers": [-1]}, "cwac.layers"),
+        ({"subspace": "s", "activation_constraint": True}, "cwac.features is required"),
+        ({"subspace": "s", "sae_release": "gemma-scope"}, "go together"),
+        ({"subspace": "s", "act_anchor": "both"}, "act_anchor"),
     ],
 )
 def test_invalid_blocks_name_the_key(block, message):
@@ -33,8 +36,13 @@ def test_invalid_blocks_name_the_key(block, message):
         CWACConfig(**block)
 
 
-def test_weight_constraint_off_needs_no_subspace():
-    assert CWACConfig(weight_constraint=False).subspace is None
+def test_ablations_from_yaml_alone():
+    activation_only = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json")
+    assert activation_only.subspace is None
+    both = CWACConfig(subspace="s", activation_constraint=True, features="f.json")
+    assert both.weight_constraint and both.activation_constraint
+    with pytest.raises(ValidationError, match="both false: the plugin would do nothing"):
+        CWACConfig(weight_constraint=False)
 
 
 def test_block_survives_axolotl_validation_and_typos_fail(tmp_path, tiny_model, data_files):

@@ -1,0 +1,561 @@
+"""The activation constraint: safety-critical SAE features and the penalty on their drift.
+
+SAEs are sae-lens SAEs (`SAE.load_from_disk`, `save_model`); sae_lens is imported lazily because
+it pulls in transformer_lens. Hook points use TransformerLens names, mapped onto HF decoder layers:
+
+    blocks.L.hook_resid_post  ->  output hidden states of decoder layer L (model.layers[L])
+    blocks.L.hook_resid_pre   ->  input hidden states of decoder layer L
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cwac_plugin.config import CWACConfig
+from cwac_plugin.data import Batches, Example, load_examples
+from cwac_plugin.subspace import base_model_of
+
+FEATURES_FORMAT = "cwac-features/1"
+_HOOK_POINT = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+class SAEConfigError(ValueError):
+    """The SAE, hook point or feature file does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook points on HF decoder layers.
+# ---------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for name, module in base_model_of(model).named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
+            return module
+    raise SAEConfigError("found no decoder layer list (a ModuleList named `layers`) in the model")
+
+
+def parse_hook_point(hook_point: str, num_layers: int) -> tuple[int, str]:
+    match = _HOOK_POINT.match(hook_point or "")
+    if match is None:
+        raise SAEConfigError(
+            f"cwac.hook_point {hook_point!r} is not supported: use `blocks.L.hook_resid_post` (output of "
+            "decoder layer L) or `blocks.L.hook_resid_pre` (its input)"
+        )
+    layer = int(match.group(1))
+    if layer >= num_layers:
+        raise SAEConfigError(f"cwac.hook_point {hook_point!r}: the model has decoder layers 0..{num_layers - 1}")
+    return layer, match.group(2)
+
+
+class ResidualTap:
+    """Captures the residual stream at a hook point, only inside `capture()`.
+
+    Capturing is opt-in per forward so that a gradient-checkpointing recompute (which runs the
+    layer again during backward, outside `capture()`) never counts activations twice.
+    """
+
+    def __init__(self, model: nn.Module, hook_point: str):
+        layers = decoder_layers(model)
+        layer, side = parse_hook_point(hook_point, len(layers))
+        self.hook_point = hook_point
+        self.captured: list[Tensor] = []
+        self._active = False
+        if side == "post":
+            self._handle = layers[layer].register_forward_hook(self._on_output)
+        else:
+            self._handle = layers[layer].register_forward_pre_hook(self._on_input, with_kwargs=True)
+
+    def _on_output(self, _module, _args, output):
+        if self._active:
+            self.captured.append(output[0] if isinstance(output, tuple) else output)
+
+    def _on_input(self, _module, args, kwargs):
+        if self._active:
+            self.captured.append(args[0] if args else kwargs["hidden_states"])
+
+    @contextmanager
+    def capture(self) -> Iterator[list[Tensor]]:
+        self.captured = []
+        self._active = True
+        try:
+            yield self.captured
+        finally:
+            self._active = False
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def run_and_capture(model: nn.Module, tap: ResidualTap, batch: dict[str, Tensor]) -> Tensor:
+    with tap.capture() as captured:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if not captured:
+        raise SAEConfigError(f"cwac.hook_point {tap.hook_point}: the hook did not fire during a forward pass")
+    return captured[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading SAEs.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_sae(cfg: CWACConfig, device: torch.device | str = "cpu"):
+    """The SAE named by `cwac.sae` (a directory) or `cwac.sae_release` / `cwac.sae_id` (hub)."""
+    from sae_lens import SAE
+
+    if cfg.sae:
+        path = Path(cfg.sae)
+        if not (path / "cfg.json").is_file():
+            raise SAEConfigError(
+                f"cwac.sae: {path} is not a sae-lens SAE directory (no cfg.json). Train one with "
+                "`cwac train-sae CONFIG.yml`, or point cwac.sae at a directory written by SAE.save_model"
+            )
+        sae = SAE.load_from_disk(str(path), device=str(device))
+    elif cfg.sae_release:
+        sae = SAE.from_pretrained(cfg.sae_release, cfg.sae_id, device=str(device))
+    else:
+        raise SAEConfigError("set cwac.sae (a local sae-lens directory) or cwac.sae_release and cwac.sae_id")
+    for parameter in sae.parameters():
+        parameter.requires_grad_(False)
+    return sae.eval()
+
+
+def hook_point_of(cfg: CWACConfig, sae) -> str:
+    hook_point = cfg.hook_point or sae.cfg.metadata.hook_name
+    if not hook_point:
+        raise SAEConfigError("the SAE's metadata names no hook point: set cwac.hook_point (e.g. blocks.6.hook_resid_post)")
+    return hook_point
+
+
+def check_sae_fits(sae, model: nn.Module, hook_point: str) -> None:
+    hidden = base_model_of(model).config.hidden_size
+    if sae.cfg.d_in != hidden:
+        raise SAEConfigError(
+            f"the SAE reads {sae.cfg.d_in}-dimensional activations but the model's hidden size is {hidden}: "
+            f"it was trained for another model. Train one for this model with `cwac train-sae`"
+        )
+    parse_hook_point(hook_point, len(decoder_layers(model)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations of a data set at the hook point.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_activations(
+    model: nn.Module, tap: ResidualTap, batches: Batches, max_tokens: int | None = None, desc: str = "activations"
+) -> Tensor:
+    """Residual activations of all non-padding tokens, float32 on CPU."""
+    chunks, total = [], 0
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        hidden = run_and_capture(model, tap, batch)
+        chunks.append(hidden[batch["attention_mask"].bool()].float().cpu())
+        total += chunks[-1].shape[0]
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return torch.cat(chunks)[:max_tokens]
+
+
+@torch.no_grad()
+def prompt_feature_means(model: nn.Module, tap: ResidualTap, sae, batches: Batches, desc: str) -> Tensor:
+    """Per prompt, the mean SAE activation over the prompt's tokens: (n_prompts, d_sae)."""
+    rows = []
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        hidden = run_and_capture(model, tap, batch)
+        prompt_mask = (batch["labels"] == -100) & batch["attention_mask"].bool()
+        z = sae.encode(hidden.to(sae.W_enc.dtype))
+        weights = prompt_mask.float().unsqueeze(-1)
+        rows.append(((z * weights).sum(1) / weights.sum(1).clamp(min=1)).float().cpu())
+    return torch.cat(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training an SAE with sae-lens's own trainer.
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation_provider(activations: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless shuffled batches from cached activations: sae-lens's DataProvider protocol."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for index in torch.randperm(activations.shape[0], generator=generator).split(batch_size):
+            if index.numel() == batch_size:
+                yield activations[index]
+
+
+@torch.no_grad()
+def reconstruction_report(sae, activations: Tensor) -> dict[str, float]:
+    """Explained variance, mean L0 and dead features of an SAE on a set of activations."""
+    z = torch.cat([sae.encode(chunk) for chunk in activations.split(4096)])
+    reconstruction = torch.cat([sae.decode(chunk) for chunk in z.split(4096)])
+    residual = (activations - reconstruction).square().sum()
+    variance = (activations - activations.mean(0)).square().sum()
+    return {
+        "explained_variance": 1.0 - (residual / variance).item(),
+        "l0": (z > 0).float().sum(1).mean().item(),
+        "dead_features": int(((z > 0).sum(0) == 0).sum().item()),
+        "d_sae": z.shape[1],
+        "tokens": activations.shape[0],
+    }
+
+
+def train_sae(
+    model: nn.Module, tokenizer, cfg: CWACConfig, examples: list[Example], max_length: int, out_dir: str | Path,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train a TopK SAE on the model's activations at `cfg.hook_point` and save it (sae-lens format).
+
+    Activations of `examples` are computed once and replayed, shuffled, to sae-lens's
+    `SAETrainer`: no TransformerLens model is needed. 10% of the tokens are held out for the report.
+    """
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    if not cfg.hook_point:
+        raise SAEConfigError("cwac.hook_point is required by `cwac train-sae` (e.g. blocks.6.hook_resid_post)")
+    torch.manual_seed(seed)
+    model.eval()
+    device = next(model.parameters()).device
+    tap = ResidualTap(model, cfg.hook_point)
+    try:
+        activations = token_activations(model, tap, Batches(tokenizer, examples, max_length, 8, device))
+    finally:
+        tap.remove()
+    order = torch.randperm(activations.shape[0], generator=torch.Generator().manual_seed(seed))
+    held_out = activations[order[: max(1, len(order) // 10)]]
+    train = activations[order[len(held_out) :]]
+    d_in = activations.shape[1]
+    batch_size = min(cfg.sae_batch_tokens, train.shape[0])
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=cfg.sae_width or 8 * d_in,
+            k=min(cfg.sae_k, cfg.sae_width or 8 * d_in),
+            device=str(device),
+        )
+    )
+    sae.cfg.metadata.hook_name = cfg.hook_point
+    sae.cfg.metadata.model_name = str(base_model_of(model).config._name_or_path)
+    trainer = SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=cfg.sae_training_tokens,
+            train_batch_size_samples=batch_size,
+            lr=cfg.sae_lr,
+            lr_end=cfg.sae_lr,  # constant schedule; sae-lens leaves it unset outside its runner
+            device=str(device),
+            dead_feature_window=max(1, cfg.sae_training_tokens // batch_size // 4),
+            feature_sampling_window=max(1, cfg.sae_training_tokens // batch_size // 4),
+        ),
+        sae,
+        _activation_provider(train, batch_size, seed),
+    )
+    sae = trainer.fit()
+    report = reconstruction_report(sae.eval(), held_out.to(device)) | {"training_tokens": cfg.sae_training_tokens}
+
+    def write(directory: Path) -> None:
+        sae.save_inference_model(directory)
+        _write_json(directory / "cwac_report.json", report)
+
+    _save_directory_atomically(out_dir, write)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature selection.
+# ---------------------------------------------------------------------------------------------
+
+
+def score_features(harmful: Tensor, benign: Tensor, method: str) -> Tensor:
+    """How much more each feature fires on harmful than on benign prompts (higher = more safety-critical).
+
+    Inputs are (n_prompts, d_sae) per-prompt activations. Signed: features that fire more on benign
+    prompts score low, since the constraint protects what the model does with harmful requests.
+    """
+    harmful, benign = harmful.double(), benign.double()
+    difference = harmful.mean(0) - benign.mean(0)
+    if method == "mean_diff":
+        return difference.float()
+    if method == "standardized":
+        pooled = ((harmful.var(0, unbiased=False) + benign.var(0, unbiased=False)) / 2).sqrt()
+        return (difference / (pooled + 1e-6)).float()
+    if method == "auroc":
+        # Mann-Whitney U: P(harmful activation > benign activation), ties counted half.
+        values = torch.cat([harmful, benign])
+        ranks = _average_ranks(values)
+        n_h, n_b = harmful.shape[0], benign.shape[0]
+        u = ranks[:n_h].sum(0) - n_h * (n_h + 1) / 2
+        return (u / (n_h * n_b)).float()
+    raise ValueError(f"cwac.feature_score must be standardized, mean_diff or auroc, got {method!r}")
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """Column-wise ranks (1-based), ties given their average rank."""
+    ranks = torch.empty_like(values)
+    for column in range(values.shape[1]):
+        unique, inverse, counts = torch.unique(values[:, column], return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).double()
+        average = ends - (counts.double() - 1) / 2
+        ranks[:, column] = average[inverse]
+    return ranks
+
+
+@dataclass
+class FeatureSet:
+    """The selected features and what training needs to penalise their drift."""
+
+    hook_point: str
+    sae: str
+    indices: list[int]
+    scores: list[float]
+    reference_scale: list[float]
+    score_method: str
+    d_sae: int
+    model: str = ""
+    format: str = FEATURES_FORMAT
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        _write_json(path, asdict(self))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSet:
+        path = Path(path)
+        if not path.is_file():
+            raise SAEConfigError(
+                f"cwac.features: {path} does not exist. Select features first with `cwac features CONFIG.yml`"
+            )
+        try:
+            data = json.loads(path.read_text())
+            feature_set = cls(**data)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise SAEConfigError(f"cwac.features: {path} is not a feature file written by `cwac features` ({err})") from err
+        if feature_set.format != FEATURES_FORMAT:
+            raise SAEConfigError(f"cwac.features: {path} has format {feature_set.format!r}, expected {FEATURES_FORMAT!r}")
+        return feature_set
+
+    def check_against(self, sae) -> None:
+        bad = [i for i in self.indices if not 0 <= i < sae.cfg.d_sae]
+        if bad:
+            raise SAEConfigError(
+                f"cwac.features: feature index {bad[0]} is out of range for the SAE's {sae.cfg.d_sae} features: "
+                "the feature file was made for another SAE. Rerun `cwac features`"
+            )
+
+
+@torch.no_grad()
+def select_features(
+    model: nn.Module, tokenizer, sae, cfg: CWACConfig, harmful: list[Example], benign: list[Example], max_length: int
+) -> tuple[FeatureSet, Tensor, Tensor]:
+    """Score every feature on harmful vs benign prompts and keep the top `cfg.num_features`.
+
+    Returns the feature set and the per-prompt activations (harmful, benign) for inspection.
+    """
+    hook_point = hook_point_of(cfg, sae)
+    check_sae_fits(sae, model, hook_point)
+    if cfg.num_features > sae.cfg.d_sae:
+        raise SAEConfigError(f"cwac.num_features = {cfg.num_features} exceeds the SAE's {sae.cfg.d_sae} features")
+    model.eval()
+    device = next(model.parameters()).device
+    tap = ResidualTap(model, hook_point)
+    try:
+        z_harm = prompt_feature_means(model, tap, sae, Batches(tokenizer, harmful, max_length, 8, device), "harmful")
+        z_benign = prompt_feature_means(model, tap, sae, Batches(tokenizer, benign, max_length, 8, device), "benign")
+    finally:
+        tap.remove()
+    scores = score_features(z_harm, z_benign, cfg.feature_score)
+    top = scores.topk(cfg.num_features)
+    indices = top.indices.tolist()
+    scale = z_harm[:, indices].mean(0).clamp(min=1e-3)
+    feature_set = FeatureSet(
+        hook_point=hook_point,
+        sae=cfg.sae or f"{cfg.sae_release}/{cfg.sae_id}",
+        indices=indices,
+        scores=top.values.tolist(),
+        reference_scale=scale.tolist(),
+        score_method=cfg.feature_score,
+        d_sae=sae.cfg.d_sae,
+        model=str(base_model_of(model).config._name_or_path),
+    )
+    return feature_set, z_harm, z_benign
+
+
+# ---------------------------------------------------------------------------------------------
+# The penalty.
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_drift_loss(z: Tensor, z_ref: Tensor, mask: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(mean over tokens of sum over features of squared drift, mean absolute relative drift).
+
+    z, z_ref: (..., m) selected-feature activations; mask: (...) tokens that count.
+    """
+    drift = z - z_ref
+    if scale is not None:
+        drift = drift / scale
+    weights = mask.to(drift.dtype)
+    tokens = weights.sum().clamp(min=1)
+    loss = (drift.square().sum(-1) * weights).sum() / tokens
+    mean_abs = (drift.detach().abs().mean(-1) * weights).sum() / tokens
+    return loss, mean_abs
+
+
+class ActivationConstraint:
+    """lambda * L_act on the training model, with references from the aligned model.
+
+    `loss(model, inputs)` is called inside the trainer's `compute_loss`: with anchor "safety" it
+    forwards the next batch of safety anchors, whose reference activations were computed once
+    before the first update; with anchor "batch" it re-runs the training batch with adapters
+    disabled for the reference.
+    """
+
+    def __init__(self, model: nn.Module, sae, features: FeatureSet, cfg: CWACConfig, anchors: Batches | None):
+        if cfg.act_anchor == "batch" and not hasattr(base_model_peft(model), "disable_adapter"):
+            raise SAEConfigError(
+                "cwac.act_anchor 'batch' needs an adapter (LoRA/QLoRA) to compute the aligned model's "
+                "reference; use cwac.act_anchor: safety for full fine-tuning"
+            )
+        check_sae_fits(sae, model, features.hook_point)
+        features.check_against(sae)
+        self.sae = sae
+        self.features = features
+        self.lam = cfg.act_lambda
+        self.anchor = cfg.act_anchor
+        self.tap = ResidualTap(model, features.hook_point)
+        self.indices = torch.tensor(features.indices)
+        self.scale = torch.tensor(features.reference_scale) if cfg.act_normalize else None
+        self.anchors = anchors
+        self._references: list[tuple[dict[str, Tensor], Tensor]] | None = None
+        self._next_anchor = 0
+        self.peft_model = base_model_peft(model)
+
+    def _encode(self, hidden: Tensor) -> Tensor:
+        if self.indices.device != hidden.device:
+            self.indices = self.indices.to(hidden.device)
+            self.scale = None if self.scale is None else self.scale.to(hidden.device)
+            self.sae.to(hidden.device)
+        return self.sae.encode(hidden.to(self.sae.W_enc.dtype))[..., self.indices]
+
+    @torch.no_grad()
+    def _reference_activations(self, model: nn.Module) -> list[tuple[dict[str, Tensor], Tensor]]:
+        """Anchor batches and their selected-feature activations under the aligned weights."""
+        references = []
+        with self._aligned(model):
+            for batch in self.anchors:
+                references.append((batch, self._encode(run_and_capture(model, self.tap, batch))))
+        return references
+
+    @contextmanager
+    def _aligned(self, model: nn.Module):
+        """Adapters off when there are adapters (the aligned model exactly); else the current weights,
+        which is why references are taken before the first update."""
+        if hasattr(self.peft_model, "disable_adapter"):
+            with self.peft_model.disable_adapter():
+                yield
+        else:
+            yield
+
+    @contextmanager
+    def watching_training_forward(self) -> Iterator[list[Tensor]]:
+        """With anchor 'batch', capture the training forward's own activations (no extra forward)."""
+        if self.anchor == "batch":
+            with self.tap.capture() as captured:
+                yield captured
+        else:
+            yield []
+
+    def loss(self, model: nn.Module, inputs: dict[str, Tensor], training_hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(lambda * L_act, mean relative drift) for one micro-batch."""
+        if self.anchor == "safety":
+            if self._references is None:
+                self._references = self._reference_activations(model)
+            batch, z_ref = self._references[self._next_anchor % len(self._references)]
+            self._next_anchor += 1
+            z = self._encode(run_and_capture(model, self.tap, batch))
+            mask = batch["attention_mask"].bool()
+        else:
+            if not training_hidden:
+                raise SAEConfigError(f"cwac.hook_point {self.tap.hook_point}: the hook did not fire in the training forward")
+            z = self._encode(training_hidden[0])
+            forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad(), self._aligned(model), self.tap.capture() as reference:
+                model(**forward_inputs)
+            z_ref = self._encode(reference[0])
+            mask = inputs.get("attention_mask", torch.ones(z.shape[:-1], device=z.device)).bool()
+        loss, drift = feature_drift_loss(z, z_ref, mask, self.scale)
+        return self.lam * loss, drift
+
+    def remove(self) -> None:
+        self.tap.remove()
+
+
+def base_model_peft(model: nn.Module) -> nn.Module:
+    """The PEFT model (or plain model) under DeepSpeed's engine."""
+    return getattr(model, "module", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_directory_atomically(out_dir: str | Path, write) -> None:
+    """Write into a temporary sibling directory, then swap it in: never a half-written SAE."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_anchor_examples(cfg: CWACConfig) -> list[Example]:
+    if not cfg.safety_data:
+        raise SAEConfigError("cwac.safety_data is required by cwac.act_anchor 'safety' (the anchor prompts)")
+    return load_examples(cfg.safety_data, "cwac.safety_data", cfg.anchor_examples)
+
+
+def feature_table(
+    feature_set: FeatureSet, z_harm: Tensor, harmful: Iterable[Example], top: int, prompts_per_feature: int = 3
+) -> str:
+    """The best features with the harmful prompts that fire them most, for a person to read."""
+    harmful = list(harmful)
+    lines = []
+    for rank, (index, score) in enumerate(zip(feature_set.indices[:top], feature_set.scores[:top]), start=1):
+        column = z_harm[:, index]
+        lines.append(f"#{rank} feature {index}  score {score:.3f}  mean act on harmful {column.mean():.3f}")
+        for row in column.topk(min(prompts_per_feature, len(harmful))).indices.tolist():
+            lines.append(f"    {column[row]:.3f}  {harmful[row].prompt[:100]}")
+    return "\n".join(lines)
+

@@ -1,0 +1,204 @@
+"""Feature scoring, the drift penalty and its scaling under gradient accumulation (no Axolotl)."""
+
+import pytest
+import torch
+from test_projection import tiny_llama
+
+from cwac_plugin.config import CWACConfig
+from cwac_plugin.data import Batches, Example
+from cwac_plugin.sae import (
+    ActivationConstraint,
+    FeatureSet,
+    ResidualTap,
+    SAEConfigError,
+    feature_drift_loss,
+    parse_hook_point,
+    score_features,
+)
+
+PLANTED = [3, 11]
+
+
+def planted_sae(d_in: int = 32, d_sae: int = 24, seed: int = 0):
+    """A sae-lens StandardSAE whose features PLANTED read one 'harmful' direction each."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    g = torch.Generator().manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    directions = torch.linalg.qr(torch.randn(d_in, d_sae, generator=g))[0] if d_sae <= d_in else torch.randn(d_in, d_sae, generator=g)
+    with torch.no_grad():
+        sae.W_enc.copy_(directions / directions.norm(dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(sae.W_enc.T)
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae
+
+
+@pytest.mark.parametrize("method", ["standardized", "mean_diff", "auroc"])
+def test_scoring_picks_features_that_fire_only_on_the_harmful_class(method):
+    sae = planted_sae()
+    g = torch.Generator().manual_seed(1)
+    benign = 0.3 * torch.randn(40, 32, generator=g)
+    harmful = 0.3 * torch.randn(30, 32, generator=g)
+    for feature in PLANTED:  # harmful activations add each planted feature's direction
+        harmful += 2.0 * sae.W_enc[:, feature]
+    with torch.no_grad():
+        scores = score_features(sae.encode(harmful), sae.encode(benign), method)
+    assert set(scores.topk(2).indices.tolist()) == set(PLANTED)
+
+
+def test_auroc_is_a_probability_with_ties_counted_half():
+    harmful = torch.tensor([[1.0, 0.0, 5.0], [2.0, 0.0, 5.0]])
+    benign = torch.tensor([[0.0, 0.0, 6.0], [0.5, 0.0, 6.0]])
+    assert score_features(harmful, benign, "auroc").tolist() == [1.0, 0.5, 0.0]
+
+
+def test_drift_loss_counts_masked_tokens_only():
+    z_ref = torch.zeros(2, 3, 2)
+    z = torch.ones(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    z[0, 2] = 100.0  # masked out
+    loss, drift = feature_drift_loss(z, z_ref, mask, scale=torch.tensor([1.0, 2.0]))
+    assert loss.item() == pytest.approx(1.0 + 0.25)
+    assert drift.item() == pytest.approx(0.75)
+
+
+def test_hook_point_names_are_checked():
+    assert parse_hook_point("blocks.1.hook_resid_post", 2) == (1, "post")
+    with pytest.raises(SAEConfigError, match="decoder layers 0..1"):
+        parse_hook_point("blocks.2.hook_resid_post", 2)
+    with pytest.raises(SAEConfigError, match="is not supported"):
+        parse_hook_point("blocks.0.attn.hook_z", 2)
+
+
+def test_resid_post_is_the_decoder_layer_output_and_pre_its_input():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # embeddings, layer 0, layer 1 (normed)
+    for hook_point, expected in (("blocks.0.hook_resid_post", hidden[1]), ("blocks.1.hook_resid_pre", hidden[1])):
+        tap = ResidualTap(model, hook_point)
+        with torch.no_grad(), tap.capture() as captured:
+            model(input_ids=ids)
+        tap.remove()
+        assert torch.allclose(captured[0], expected, atol=1e-6)
+
+
+def examples(n: int = 4) -> list[Example]:
+    return [Example(f"how do i make a bomb {i}", "sorry i cannot help") for i in range(n)]
+
+
+class ToyTokenizer:
+    """Enough of a tokenizer for Batches: characters to ids, no chat template."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [2 + ord(c) % 60 for c in text]}
+
+
+def lora_model_with_activation_constraint(lam: float = 1.0, hook_layer: int = 0, anchors: int = 4):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    sae = planted_sae()
+    hook_point = f"blocks.{hook_layer}.hook_resid_post"
+    features = FeatureSet(hook_point, "synthetic", list(range(8)), [1.0] * 8, [0.5] * 8, "standardized", 24)
+    cfg = CWACConfig(
+        weight_constraint=False, activation_constraint=True, features="f.json", act_lambda=lam, anchor_batch_size=anchors
+    )
+    batches = Batches(ToyTokenizer(), examples(anchors), 32, anchors)
+    return model, ActivationConstraint(model, sae, features, cfg, batches)
+
+
+def perturb_lora_b(model, std: float, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def test_loss_is_zero_at_the_aligned_model_and_grows_with_drift():
+    model, constraint = lora_model_with_activation_constraint()
+    loss, drift = constraint.loss(model, {}, [])
+    assert loss.item() == 0.0 and drift.item() == 0.0
+    losses = []
+    for std in (0.01, 0.05, 0.2):
+        perturb_lora_b(model, std)
+        losses.append(constraint.loss(model, {}, [])[0].item())
+    assert 0 < losses[0] < losses[1] < losses[2]
+
+
+def test_gradient_reaches_only_trainable_parameters_before_the_hook_point():
+    model, constraint = lora_model_with_activation_constraint(hook_layer=0)
+    constraint.loss(model, {}, [])  # references from the aligned model
+    perturb_lora_b(model, 0.1)
+    loss, _ = constraint.loss(model, {}, [])
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(grads[n] is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(p.grad is None for p in constraint.sae.parameters())
+    layer0 = [n for n in grads if "layers.0." in n and "lora_A" in n]
+    layer1 = [n for n in grads if "layers.1." in n and "lora_" in n]
+    assert layer0 and any(grads[n].abs().sum() > 0 for n in layer0)
+    assert layer1 and all(grads[n] is None or grads[n].abs().sum() == 0 for n in layer1)  # after the hook point
+
+
+def test_feature_index_out_of_range_is_a_clear_error():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    features = FeatureSet("blocks.0.hook_resid_post", "s", [5, 99], [1.0, 1.0], [1.0, 1.0], "standardized", 100)
+    cfg = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json")
+    with pytest.raises(SAEConfigError, match="feature index 99 is out of range for the SAE's 24 features"):
+        ActivationConstraint(model, planted_sae(), features, cfg, None)
+    wide = planted_sae(d_in=48)
+    with pytest.raises(SAEConfigError, match="reads 48-dimensional activations but the model's hidden size is 32"):
+        ActivationConstraint(model, wide, FeatureSet("blocks.0.hook_resid_post", "s", [1], [1.0], [1.0], "x", 24), cfg, None)
+
+
+def test_batch_anchor_needs_an_adapter():
+    cfg = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json", act_anchor="batch")
+    features = FeatureSet("blocks.0.hook_resid_post", "s", [1], [1.0], [1.0], "x", 24)
+    with pytest.raises(SAEConfigError, match="act_anchor 'batch' needs an adapter"):
+        ActivationConstraint(tiny_llama(), planted_sae(), features, cfg, None)
+
+
+@pytest.mark.parametrize("model_normalises", [True, False], ids=["num_items_in_batch", "trainer-divides"])
+def test_penalty_is_averaged_over_gradient_accumulation_like_the_main_loss(tmp_path, model_normalises):
+    """One step with GA=1 x 4 equals one step with GA=2 x 2, in both of the Trainer's loss paths."""
+    from transformers import Trainer, TrainingArguments
+
+    from cwac_plugin.hf import install
+
+    g = torch.Generator().manual_seed(5)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 64, (4, 10), generator=g)]
+
+    def one_step(micro_batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model, constraint = lora_model_with_activation_constraint(lam=50.0)
+        perturb_lora_b(model, 0.05)  # start away from the reference so the penalty has a gradient
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{micro_batch}x{accumulation}"), per_device_train_batch_size=micro_batch,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.1, optim="sgd",
+            lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, seed=0,
+            dataloader_drop_last=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.model_accepts_loss_kwargs = model_normalises
+        with torch.no_grad():
+            before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+        # references from the unperturbed (adapter-disabled) model, as in training
+        install(trainer, activation=constraint)
+        trainer.train()
+        return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+
+    full, accumulated = one_step(4, 1), one_step(2, 2)
+    total = sum(d.square().sum() for d in full.values()).sqrt()
+    difference = sum((full[n] - accumulated[n]).square().sum() for n in full).sqrt()
+    assert total > 1e-3
+    assert difference / total < 1e-4
