@@ -12,7 +12,8 @@ from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint, FeatureSet, SAEConfigError, load_anchor_examples, load_sae
 from cwac_plugin.subspace import Subspace, check_model_matches
 
-LOG = get_logger(__name__)  # Axolotl's logger: shown at INFO on rank 0 like Axolotl's own lines
+# Under the `axolotl` logger tree: Axolotl shows only WARNING and above from other loggers.
+LOG = get_logger("axolotl.integrations.cwac")
 
 
 def settings_from(cfg) -> CWACConfig:

@@ -71,12 +71,13 @@ class ResidualTap:
         layers = decoder_layers(model)
         layer, side = parse_hook_point(hook_point, len(layers))
         self.hook_point = hook_point
+        self.layer = layers[layer]
         self.captured: list[Tensor] = []
         self._active = False
         if side == "post":
-            self._handle = layers[layer].register_forward_hook(self._on_output)
+            self._handle = self.layer.register_forward_hook(self._on_output)
         else:
-            self._handle = layers[layer].register_forward_pre_hook(self._on_input, with_kwargs=True)
+            self._handle = self.layer.register_forward_pre_hook(self._on_input, with_kwargs=True)
 
     def _on_output(self, _module, _args, output):
         if self._active:

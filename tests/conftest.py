@@ -106,3 +106,13 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc
+
+
+@pytest.fixture(scope="session")
+def subspace_file(tmp_path_factory, tiny_model, data_files) -> Path:
+    """One subspace for the float tiny model, computed by the CLI as a user would."""
+    tmp = tmp_path_factory.mktemp("subspace")
+    config = axolotl_config(tmp, tiny_model, data_files, cwac={})
+    proc = check_ok(run(["cwac", "subspace", str(config)], cwd=tmp))
+    assert "wrote" in proc.stdout
+    return tmp / "subspace.safetensors"

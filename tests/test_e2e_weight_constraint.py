@@ -30,16 +30,6 @@ LORA = {
 }
 
 
-@pytest.fixture(scope="module")
-def subspace_file(tmp_path_factory, tiny_model, data_files) -> Path:
-    """One subspace for the float model, computed by the CLI as a user would."""
-    tmp = tmp_path_factory.mktemp("subspace")
-    config = axolotl_config(tmp, tiny_model, data_files, cwac={})
-    proc = check_ok(run(["cwac", "subspace", str(config)], cwd=tmp))
-    assert "wrote" in proc.stdout
-    return tmp / "subspace.safetensors"
-
-
 def trained_deltas(base_dir: Path, out_dir: Path, names: list[str], adapter: bool) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 

@@ -202,3 +202,23 @@ def test_penalty_is_averaged_over_gradient_accumulation_like_the_main_loss(tmp_p
     difference = sum((full[n] - accumulated[n]).square().sum() for n in full).sqrt()
     assert total > 1e-3
     assert difference / total < 1e-4
+
+
+def test_gradient_checkpointing_recompute_is_not_counted_twice():
+    """The recompute during backward runs the hooked layer again; it must not be captured.
+
+    Reentrant checkpointing (Axolotl's default) reruns the whole layer forward, hooks included;
+    torch's non-reentrant variant stops the recompute early, before forward hooks would fire.
+    """
+    model, constraint = lora_model_with_activation_constraint()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    constraint.loss(model, {}, [])
+    perturb_lora_b(model, 0.1)
+    calls = []
+    constraint.tap.layer.register_forward_hook(lambda *_: calls.append(constraint.tap._active))
+    loss, _ = constraint.loss(model, {}, [])
+    loss.backward()
+    assert calls == [True, False]  # the forward was captured, the recompute ran but was not
+    assert len(constraint.tap.captured) == 1
