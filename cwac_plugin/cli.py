@@ -129,6 +129,38 @@ def features(config: Path, output: Path | None, top: int):
         click.echo(feature_table(feature_set, z_harm, harmful, top))
 
 
+@cwac.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="HF model directory.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter to merge into --model.")
+@click.option("--prompts", required=True, type=click.Path(path_type=Path), help="Harmful prompts: jsonl (`prompt`) or text.")
+@click.option("--task", type=click.Path(path_type=Path), help="Task test set: jsonl with `prompt` and `answer` (gives FA).")
+@click.option("--task-match", type=click.Choice(["contains", "exact", "first_word"]), default="contains", show_default=True)
+@click.option("--benign", type=click.Path(path_type=Path), help="Benign prompts (gives the over-refusal rate).")
+@click.option("--judge", default="phrase", show_default=True, help="'phrase' or 'hf:MODEL_DIR' (a text classifier).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report JSON to write.")
+def eval_command(model_dir, adapter, prompts, task, task_match, benign, judge, max_new_tokens, batch_size, out):
+    """Harmful score (and FA, over-refusal) of a model, with per-prompt records."""
+    from cwac_plugin.data import write_json_atomically
+    from cwac_plugin.eval import evaluate, load_model, load_prompts, make_judge
+
+    harmful = load_prompts(prompts, "--prompts")
+    task_records = load_prompts(task, "--task") if task else None
+    if task_records and not all(isinstance(r.get("answer"), str) for r in task_records):
+        raise click.UsageError(f"--task: every line of {task} needs a string field 'answer'")
+    benign_records = load_prompts(benign, "--benign") if benign else None
+    judge_fn = make_judge(judge)
+    model, tokenizer = load_model(model_dir, adapter)
+    report = evaluate(
+        model, tokenizer, harmful, task_records, benign_records, judge_fn, task_match, max_new_tokens, batch_size
+    )
+    report |= {"model": str(model_dir), "adapter": str(adapter) if adapter else None, "judge": judge}
+    write_json_atomically(out, report)
+    summary = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+
+
 def main():
     try:
         cwac(standalone_mode=False)

@@ -6,6 +6,8 @@ Errors name the file and line: a malformed safety set must fail before a model i
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,3 +119,16 @@ class Batches:
                 "attention_mask": attention_mask.to(self.device),
                 "labels": labels.to(self.device),
             }
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Write to a temporary file and rename: a crash never leaves a partial artifact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

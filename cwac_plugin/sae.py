@@ -10,7 +10,6 @@ it pulls in transformer_lens. Hook points use TransformerLens names, mapped onto
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cwac_plugin.config import CWACConfig
-from cwac_plugin.data import Batches, Example, load_examples
+from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
 from cwac_plugin.subspace import base_model_of
 
 FEATURES_FORMAT = "cwac-features/1"
@@ -269,7 +268,7 @@ def train_sae(
 
     def write(directory: Path) -> None:
         sae.save_inference_model(directory)
-        _write_json(directory / "cwac_report.json", report)
+        write_json_atomically(directory / "cwac_report.json", report)
 
     _save_directory_atomically(out_dir, write)
     return report
@@ -330,7 +329,7 @@ class FeatureSet:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        _write_json(path, asdict(self))
+        write_json_atomically(path, asdict(self))
         return path
 
     @classmethod
@@ -512,18 +511,6 @@ def base_model_peft(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Atomic writes.
 # ---------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_directory_atomically(out_dir: str | Path, write) -> None:
