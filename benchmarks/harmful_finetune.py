@@ -36,8 +36,8 @@ from cwac_plugin.data import Batches, Example, write_json_atomically  # noqa: E4
 from cwac_plugin.eval import evaluate, generate  # noqa: E402
 
 METHODS = {
-    "plain": {},
-    "weight": {"weight_constraint": True},
+    "plain": None,
+    "weight": {"weight_constraint": True, "activation_constraint": False},
     "activation": {"weight_constraint": False, "activation_constraint": True},
     "cwac": {"weight_constraint": True, "activation_constraint": True},
 }
@@ -104,7 +104,8 @@ def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, see
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
     task = [{"prompt": e.prompt, "answer": e.response} for e in data["task_test"]]
     report = evaluate(
-        model, tokenizer, data["eval"][:n_eval], task, data["benign_eval"], task_match="contains", max_new_tokens=48
+        model, tokenizer, data["eval"][:n_eval], task, data["benign_eval"], task_match="contains", max_new_tokens=32,
+        task_max_new_tokens=8,
     )
     return report
 
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "harmful_finetune")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.05])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--attack-steps", type=int, default=50)
+    parser.add_argument("--attack-steps", type=int, default=30)
     parser.add_argument("--attack-lr", type=float, default=5e-4)
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -214,7 +215,7 @@ def main() -> None:
             if key in results["runs"]:
                 continue
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
-            settings = cwac.model_copy(update=METHODS[method]) if method != "plain" else None
+            settings = None if METHODS[method] is None else cwac.model_copy(update=METHODS[method])
             peft_model, elapsed = lora_train(
                 model, tokenizer, mix, work / "runs" / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
                 constraints=None if settings is None else make_constraints(settings, safety, tokenizer),

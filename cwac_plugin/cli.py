@@ -36,6 +36,25 @@ def load_axolotl_config(config: Path):
     return cfg
 
 
+def _job(config: Path, output: Path | None, key: str, what: str):
+    """The validated config, its `cwac` block, and where to write: --output, else cwac.<key>."""
+    from cwac_plugin.plugin import settings_from
+
+    cfg = load_axolotl_config(config)
+    settings = settings_from(cfg)
+    target = output or getattr(settings, key)
+    if target is None:
+        raise click.UsageError(f"{config}: set cwac.{key} ({what}) or pass --output")
+    return cfg, settings, target, settings.max_length or cfg.sequence_len
+
+
+def _load_model(cfg):
+    from axolotl.cli.utils.load import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
+    return model, tokenizer
+
+
 @click.group()
 def cwac():
     """CWAC: keep a model's safety alignment through fine-tuning."""
@@ -47,26 +66,14 @@ def cwac():
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of cwac.subspace.")
 def subspace(config: Path, output: Path | None):
     """Compute the safety subspace of the aligned model in CONFIG and write cwac.subspace."""
-    from cwac_plugin.plugin import settings_from
     from cwac_plugin.subspace import SubspaceData, compute_subspace, describe
 
-    cfg = load_axolotl_config(config)
-    settings = settings_from(cfg)
-    target = output or settings.subspace
-    if target is None:
-        raise click.UsageError(f"{config}: set cwac.subspace (the file to write) or pass --output")
+    cfg, settings, target, max_length = _job(config, output, "subspace", "the file to write")
     data = SubspaceData.load(settings)  # data errors surface before the model is loaded
     model, tokenizer = _load_model(cfg)
-    result = compute_subspace(model, tokenizer, settings, settings.max_length or cfg.sequence_len, data)
+    result = compute_subspace(model, tokenizer, settings, max_length, data)
     path = result.save(target)
     click.echo(f"wrote {path}: {describe(result)}")
-
-
-def _load_model(cfg):
-    from axolotl.cli.utils.load import load_model_and_tokenizer
-
-    model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
-    return model, tokenizer
 
 
 @cwac.command("train-sae")
@@ -75,14 +82,9 @@ def _load_model(cfg):
 def train_sae_command(config: Path, output: Path | None):
     """Train a TopK SAE at cwac.hook_point on the safety and contrast data; write cwac.sae."""
     from cwac_plugin.data import load_examples
-    from cwac_plugin.plugin import settings_from
     from cwac_plugin.sae import train_sae
 
-    cfg = load_axolotl_config(config)
-    settings = settings_from(cfg)
-    target = output or settings.sae
-    if target is None:
-        raise click.UsageError(f"{config}: set cwac.sae (the SAE directory to write) or pass --output")
+    cfg, settings, target, max_length = _job(config, output, "sae", "the SAE directory to write")
     if not settings.hook_point:
         raise click.UsageError(f"{config}: set cwac.hook_point (e.g. blocks.6.hook_resid_post)")
     if not settings.safety_data:
@@ -91,7 +93,7 @@ def train_sae_command(config: Path, output: Path | None):
     if settings.contrast_data:
         examples += load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
     model, tokenizer = _load_model(cfg)
-    report = train_sae(model, tokenizer, settings, examples, settings.max_length or cfg.sequence_len, target)
+    report = train_sae(model, tokenizer, settings, examples, max_length, target)
     click.echo(
         f"wrote {target}: explained variance {report['explained_variance']:.3f}, L0 {report['l0']:.1f}, "
         f"dead features {report['dead_features']}/{report['d_sae']} (on {report['tokens']} held-out tokens)"
@@ -105,14 +107,9 @@ def train_sae_command(config: Path, output: Path | None):
 def features(config: Path, output: Path | None, top: int):
     """Select the SAE features that separate harmful from benign prompts; write cwac.features."""
     from cwac_plugin.data import load_examples
-    from cwac_plugin.plugin import settings_from
     from cwac_plugin.sae import feature_table, load_sae, select_features
 
-    cfg = load_axolotl_config(config)
-    settings = settings_from(cfg)
-    target = output or settings.features
-    if target is None:
-        raise click.UsageError(f"{config}: set cwac.features (the JSON to write) or pass --output")
+    cfg, settings, target, max_length = _job(config, output, "features", "the JSON to write")
     if not (settings.safety_data and settings.contrast_data):
         raise click.UsageError(f"{config}: cwac.safety_data (harmful) and cwac.contrast_data (benign) are both needed")
     harmful = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
@@ -120,9 +117,7 @@ def features(config: Path, output: Path | None, top: int):
     sae = load_sae(settings)
     model, tokenizer = _load_model(cfg)
     sae.to(next(model.parameters()).device)
-    feature_set, z_harm, _ = select_features(
-        model, tokenizer, sae, settings, harmful, benign, settings.max_length or cfg.sequence_len
-    )
+    feature_set, z_harm, _ = select_features(model, tokenizer, sae, settings, harmful, benign, max_length)
     feature_set.save(target)
     click.echo(f"wrote {target}: {len(feature_set.indices)} features at {feature_set.hook_point}")
     if top:
@@ -137,10 +132,13 @@ def features(config: Path, output: Path | None, top: int):
 @click.option("--task-match", type=click.Choice(["contains", "exact", "first_word"]), default="contains", show_default=True)
 @click.option("--benign", type=click.Path(path_type=Path), help="Benign prompts (gives the over-refusal rate).")
 @click.option("--judge", default="phrase", show_default=True, help="'phrase' or 'hf:MODEL_DIR' (a text classifier).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="For harmful and benign prompts.")
+@click.option("--task-max-new-tokens", type=int, default=16, show_default=True, help="For task prompts (short answers).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report JSON to write.")
-def eval_command(model_dir, adapter, prompts, task, task_match, benign, judge, max_new_tokens, batch_size, out):
+def eval_command(
+    model_dir, adapter, prompts, task, task_match, benign, judge, max_new_tokens, task_max_new_tokens, batch_size, out
+):
     """Harmful score (and FA, over-refusal) of a model, with per-prompt records."""
     from cwac_plugin.data import write_json_atomically
     from cwac_plugin.eval import evaluate, load_model, load_prompts, make_judge
@@ -153,7 +151,8 @@ def eval_command(model_dir, adapter, prompts, task, task_match, benign, judge, m
     judge_fn = make_judge(judge)
     model, tokenizer = load_model(model_dir, adapter)
     report = evaluate(
-        model, tokenizer, harmful, task_records, benign_records, judge_fn, task_match, max_new_tokens, batch_size
+        model, tokenizer, harmful, task_records, benign_records, judge_fn, task_match, max_new_tokens, batch_size,
+        task_max_new_tokens,
     )
     report |= {"model": str(model_dir), "adapter": str(adapter) if adapter else None, "judge": judge}
     write_json_atomically(out, report)

@@ -149,6 +149,7 @@ def evaluate(
     task_match: str = "contains",
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    task_max_new_tokens: int = 16,
 ) -> dict:
     model.eval()
     report: dict = {}
@@ -160,7 +161,7 @@ def evaluate(
     report["harmful_degenerate_rate"] = verdicts[DEGENERATE] / len(records)
     report["n_harmful"] = len(records)
     if task:
-        task_answers = generate(model, tokenizer, [r["prompt"] for r in task], max_new_tokens, batch_size, "task")
+        task_answers = generate(model, tokenizer, [r["prompt"] for r in task], task_max_new_tokens, batch_size, "task")
         correct = [task_correct(a, r["answer"], task_match) for r, a in zip(task, task_answers)]
         report["fine_tune_accuracy"] = sum(correct) / len(task)
         report["n_task"] = len(task)

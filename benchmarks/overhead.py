@@ -1,0 +1,209 @@
+"""Step time and memory of CWAC against plain training, measured side by side (interleaved).
+
+    python benchmarks/overhead.py --model tiny --out benchmarks/results/overhead/tiny.json
+    python benchmarks/overhead.py --model runs/smollm2/model --training lora --out benchmarks/results/overhead/smollm2.json
+
+Each repeat trains every method for `--steps` steps from the same initial weights and data, in turn,
+so that machine noise hits all methods alike; the first step of each run is dropped (warm-up). The
+subspace (random orthonormal bases, rank 16 on every linear module), the SAE (an untrained TopK SAE,
+8x wide) and the 32 features are synthetic: the cost does not depend on their quality.
+Memory: on CUDA the peak allocated memory per run; everywhere the bytes the constraints hold
+(bases, W0 U and V^T W0 targets, the CPU copy of W0 for the leakage metric, SAE, anchor references).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from cwac_plugin.config import CWACConfig
+from cwac_plugin.data import Batches, Example, write_json_atomically
+
+METHODS = {
+    "plain": None,
+    "weight-update": {"projection": "update"},
+    "weight-gradient": {"projection": "gradient"},
+    "activation-safety": {"weight_constraint": False, "activation_constraint": True, "act_anchor": "safety"},
+    "activation-batch": {"weight_constraint": False, "activation_constraint": True, "act_anchor": "batch"},
+    "cwac": {"activation_constraint": True},
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def load_model(name: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if name == "tiny":
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512,
+        )
+        return LlamaForCausalLM(config).to(device), None
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device), AutoTokenizer.from_pretrained(name)
+
+
+def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32) -> CWACConfig:
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from cwac_plugin.subspace import Subspace, find_target_modules, model_metadata
+
+    g = torch.Generator().manual_seed(0)
+    bases = {
+        name: torch.linalg.qr(torch.randn(module.in_features, rank, generator=g))[0]
+        for name, module in find_target_modules(model, TARGETS).items()
+    }
+    Subspace(bases, metadata=model_metadata(model)).save(work / "subspace.safetensors")
+    hidden = model.config.hidden_size
+    layer = model.config.num_hidden_layers // 2
+    sae = TopKSAE(TopKSAEConfig(d_in=hidden, d_sae=8 * hidden, k=32))
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    sae.save_model(work / "sae")
+    features = {
+        "hook_point": f"blocks.{layer}.hook_resid_post", "sae": str(work / "sae"),
+        "indices": list(range(n_features)), "scores": [1.0] * n_features, "reference_scale": [1.0] * n_features,
+        "score_method": "synthetic", "d_sae": 8 * hidden, "model": "", "format": "cwac-features/1",
+    }
+    (work / "features.json").write_text(json.dumps(features))
+    return CWACConfig(
+        subspace=str(work / "subspace.safetensors"), sae=str(work / "sae"), features=str(work / "features.json"),
+        rank=rank, num_features=n_features,
+    )
+
+
+def constraint_bytes(weight, activation) -> int:
+    total = 0
+    if weight is not None:
+        seen = set()
+        for tensor in weight.tensors:
+            for t in (tensor.input_basis, tensor.output_basis, tensor.input_target, tensor.output_target):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        total += sum(m.initial_weight_cpu.numel() * 4 for m in weight._full.values() if m.initial_weight_cpu is not None)
+    if activation is not None:
+        total += sum(p.numel() * p.element_size() for p in activation.sae.parameters())
+    return total
+
+
+def run_once(args, method: str, cfg: CWACConfig, data: list[dict], tokenizer, device: str) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from cwac_plugin.hf import install
+    from cwac_plugin.projection import WeightConstraint
+    from cwac_plugin.sae import ActivationConstraint, FeatureSet, load_sae
+    from cwac_plugin.subspace import Subspace
+
+    model, _ = load_model(args.model, device)
+    if args.training == "lora":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    training_args = TrainingArguments(
+        output_dir=str(args.work / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=1, use_cpu=device == "cpu",
+        remove_unused_columns=False, seed=0,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=data)
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    weight = activation = None
+    update = METHODS[method]
+    if update is not None:
+        settings = cfg.model_copy(update=update)
+        if settings.weight_constraint:
+            weight = WeightConstraint(trainer.model, Subspace.load(settings.subspace), settings.projection)
+        if settings.activation_constraint:
+            anchors = [Example(f"how do i make a weapon number {i}", "sorry, i cannot help") for i in range(16)]
+            batches = Batches(tokenizer or _ToyTokenizer(), anchors, 64, settings.anchor_batch_size, device)
+            activation = ActivationConstraint(trainer.model, load_sae(settings, device), FeatureSet.load(settings.features), settings, batches)
+        install(trainer, weight=weight, activation=activation)
+    trainer.train()
+    return {
+        "step_seconds": statistics.median(timer.times[1:]),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "constraint_bytes": constraint_bytes(weight, activation),
+    }
+
+
+class _ToyTokenizer:
+    pad_token_id, eos_token_id, chat_template = 0, 1, None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [2 + ord(c) % 500 for c in text]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="'tiny' (random 4-layer Llama) or an HF model directory")
+    parser.add_argument("--training", choices=["lora", "full"], default="lora")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.work = args.out.parent / "work"
+    args.work.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    model, tokenizer = load_model(args.model, device)
+    cfg = synthetic_artifacts(model, args.work)
+    vocab = model.config.vocab_size
+    del model
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, vocab, (args.batch_size * args.steps, args.seq_len), generator=g)]
+    methods = [m for m in args.methods if not (m == "activation-batch" and args.training == "full")]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for repeat in range(args.repeats):
+        for method in methods:
+            runs[method].append(run_once(args, method, cfg, data, tokenizer, device))
+            print(f"repeat {repeat} {method}: {runs[method][-1]}", flush=True)
+    base = statistics.median(r["step_seconds"] for r in runs["plain"]) if "plain" in runs else None
+    table = {}
+    for method, results in runs.items():
+        step = statistics.median(r["step_seconds"] for r in results)
+        peak = results[0]["peak_cuda_bytes"]
+        table[method] = {
+            "median_step_seconds": round(step, 4),
+            "step_ratio": round(step / base, 3) if base else None,
+            "step_seconds_all": [round(r["step_seconds"], 4) for r in results],
+            "peak_cuda_bytes": peak,
+            "constraint_bytes": results[0]["constraint_bytes"],
+        }
+    write_json_atomically(args.out, {
+        "model": args.model, "training": args.training, "steps": args.steps, "repeats": args.repeats,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "methods": table,
+    })
+    for method, row in table.items():
+        print(f"{method:18s} {row['median_step_seconds']:.4f} s/step  x{row['step_ratio']}  constraints {row['constraint_bytes'] / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
