@@ -195,6 +195,14 @@ class WeightConstraint:
                 self._bind_full(name, module, input_basis, output_basis, log_leakage)
             else:
                 self.frozen_modules.append(name)
+        # The tensors an optimizer step may move out of the subspace: trained, with a basis to keep.
+        self.tensors: list[ProtectedTensor] = [m.weight for m in self._full.values()] + [
+            t
+            for lora in self._lora.values()
+            for lora_a, lora_b, _ in lora.factors
+            for t in (lora_a, lora_b)
+            if t.param.requires_grad and (t.input_basis is not None or t.output_basis is not None)
+        ]
         if not self.tensors:
             raise SubspaceError(
                 f"none of the {len(modules)} modules in {subspace.path} is trained: with LoRA, "
@@ -245,15 +253,6 @@ class WeightConstraint:
             output_target=output_basis.T @ weight if output_basis is not None else None,
         )
         self._full[name] = _FullModule(protected, weight.cpu() if log_leakage else None)
-
-    @property
-    def tensors(self) -> list[ProtectedTensor]:
-        """The tensors an optimizer step may move out of the subspace (those that are trained)."""
-        out = [m.weight for m in self._full.values()]
-        for lora in self._lora.values():
-            for lora_a, lora_b, _ in lora.factors:
-                out += [t for t in (lora_a, lora_b) if t.param.requires_grad and _has_basis(t)]
-        return out
 
     @property
     def module_names(self) -> list[str]:
@@ -312,8 +311,4 @@ class WeightConstraint:
                     output_sq += scaling**2 * torch.trace((vb.T @ vb) @ (a @ a.T)).item()
             report.add(name, update_sq, input_sq, output_sq)
         return report
-
-
-def _has_basis(tensor: ProtectedTensor) -> bool:
-    return tensor.input_basis is not None or tensor.output_basis is not None
 
