@@ -2,6 +2,8 @@
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import axolotl_config, run
 from pydantic import ValidationError
 
@@ -86,3 +88,39 @@ def test_subspace_cli_reports_data_errors(tmp_path, tiny_model, data_files):
     assert f"cwac.safety_data: {bad}:2 needs string fields 'prompt' and 'response'" in proc.stderr
     assert "Loading weights" not in proc.stdout + proc.stderr
     assert not (tmp_path / "subspace.safetensors").exists()
+
+
+KEY_VALUES = {
+    "subspace": st.one_of(st.none(), st.just("s.safetensors")),
+    "features": st.one_of(st.none(), st.just("f.json")),
+    "weight_constraint": st.booleans(),
+    "activation_constraint": st.booleans(),
+    "rank": st.one_of(st.none(), st.integers(-2, 64)),
+    "energy": st.one_of(st.none(), st.floats(-1, 2), st.just(float("nan"))),
+    "output_rank": st.one_of(st.integers(-2, 8), st.text(max_size=3)),
+    "projection": st.sampled_from(["update", "gradient", "both", 3]),
+    "subspace_method": st.sampled_from(["activation", "gradient", "delta", "svd"]),
+    "act_lambda": st.one_of(st.floats(-1, 10), st.just(float("nan")), st.just("high")),
+    "target_modules": st.one_of(st.lists(st.sampled_from(["q_proj", "down_proj"]), max_size=2), st.just("q_proj")),
+    "layers": st.one_of(st.none(), st.lists(st.integers(-2, 4), max_size=3)),
+    "typo_key": st.integers(),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional=KEY_VALUES))
+def test_any_block_either_validates_consistently_or_fails_with_a_validation_error(block):
+    """No input crashes the schema with another exception, and what passes is usable."""
+    try:
+        cfg = CWACConfig(**block)
+    except ValidationError as err:
+        assert str(err)  # pydantic's message names the failing key
+        return
+    assert "typo_key" not in block
+    assert cfg.weight_constraint or cfg.activation_constraint
+    assert not cfg.weight_constraint or cfg.subspace
+    assert not cfg.activation_constraint or cfg.features
+    assert cfg.rank is None or cfg.rank >= 1
+    assert cfg.energy is None or 0 < cfg.energy <= 1
+    assert cfg.output_rank >= 0 and cfg.act_lambda >= 0 and cfg.target_modules
+    assert cfg.subspace_method != "delta" or cfg.delta_base_model

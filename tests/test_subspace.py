@@ -1,5 +1,7 @@
 """Subspace computation (activation, contrastive, gradient, delta) and the subspace file."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_projection import orthonormal, tiny_llama
@@ -223,3 +225,32 @@ def test_subspace_for_another_architecture_is_rejected():
     )
     with pytest.raises(SubspaceError, match=r"qwen.safetensors was computed for 'Qwen/Qwen2-0.5B' \(model_type=qwen2\)"):
         check_model_matches(other, model)
+
+
+def test_interrupted_save_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    basis = orthonormal(8, 2, torch.Generator().manual_seed(0))
+    target = tmp_path / "subspace.safetensors"
+    Subspace({"m": basis}, metadata={"method": "old"}).save(target)
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Subspace({"m": basis}, metadata={"method": "new"}).save(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["subspace.safetensors"]
+    monkeypatch.undo()
+    assert Subspace.load(target).metadata["method"] == "old"
+
+
+def test_same_data_and_model_give_identical_subspace_files(tmp_path, tiny_pretrained, data_files):
+    model, tokenizer = tiny_pretrained
+    cfg = CWACConfig(safety_data=str(data_files["safety"]), contrast_data=str(data_files["benign"]), subspace="s", rank=4)
+    first = Subspace.load(compute_subspace(model, tokenizer, cfg, max_length=32).save(tmp_path / "a.safetensors"))
+    second = Subspace.load(compute_subspace(model, tokenizer, cfg, max_length=32).save(tmp_path / "b.safetensors"))
+    # (the file bytes differ: safetensors writes metadata keys in hash order)
+    assert first.metadata == second.metadata
+    assert all(torch.equal(first.input_bases[n], second.input_bases[n]) for n in first.module_names)

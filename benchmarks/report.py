@@ -1,0 +1,85 @@
+"""Tables (markdown) and a plot (PNG) of benchmarks/harmful_finetune.py's results.json.
+
+    python benchmarks/report.py benchmarks/results/harmful_finetune
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+METHODS = ["plain", "weight", "activation", "cwac"]
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def tables(results: dict) -> str:
+    lines = []
+    for name in ("unaligned", "aligned"):
+        r = results.get(name)
+        if r:
+            lines.append(
+                f"- {name}: HS {pct(r['harmful_score'])}%, FA {pct(r['fine_tune_accuracy'])}%, "
+                f"over-refusal {pct(r['over_refusal'])}%, degenerate {pct(r['harmful_degenerate_rate'])}%"
+            )
+    ratios = sorted({float(key.split("/")[0][2:]) for key in results["runs"]})
+    for ratio in ratios:
+        lines += [
+            "",
+            f"### p = {ratio}",
+            "",
+            "| method | HS % | FA % | over-refusal % | degenerate % | train s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method in METHODS:
+            r = results["runs"].get(f"p={ratio}/{method}")
+            if r:
+                lines.append(
+                    f"| {method} | {pct(r['harmful_score'])} | {pct(r['fine_tune_accuracy'])} | "
+                    f"{pct(r['over_refusal'])} | {pct(r['harmful_degenerate_rate'])} | {r['train_seconds']} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        points = sorted(
+            (float(key.split("/")[0][2:]), r) for key, r in results["runs"].items() if key.endswith(f"/{method}")
+        )
+        if not points:
+            continue
+        xs = [p for p, _ in points]
+        axes[0].plot(xs, [100 * r["harmful_score"] for _, r in points], marker="o", label=method)
+        axes[1].plot(xs, [100 * r["fine_tune_accuracy"] for _, r in points], marker="o", label=method)
+    if "aligned" in results:
+        axes[0].axhline(100 * results["aligned"]["harmful_score"], color="grey", ls="--", label="aligned")
+        axes[1].axhline(100 * results["aligned"]["fine_tune_accuracy"], color="grey", ls="--", label="aligned")
+    for ax, title in zip(axes, ("harmful score (lower is better)", "fine-tune accuracy")):
+        ax.set_xlabel("harmful ratio p")
+        ax.set_ylabel("%")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M-Instruct, LoRA attack, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/harmful_finetune")
+    results = json.loads((folder / "results.json").read_text())
+    (folder / "results.md").write_text(tables(results))
+    plot(results, folder / "hs_fa.png")
+    print((folder / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
