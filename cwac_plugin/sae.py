@@ -417,10 +417,11 @@ def feature_drift_loss(z: Tensor, z_ref: Tensor, mask: Tensor, scale: Tensor | N
 class ActivationConstraint:
     """lambda * L_act on the training model, with references from the aligned model.
 
-    `loss(model, inputs)` is called inside the trainer's `compute_loss`: with anchor "safety" it
-    forwards the next batch of safety anchors, whose reference activations were computed once
-    before the first update; with anchor "batch" it re-runs the training batch with adapters
-    disabled for the reference.
+    `loss(model, inputs, training_hidden)` is called inside the trainer's `compute_loss`: with
+    anchor "safety" it forwards the next batch of safety anchors, whose reference activations were
+    computed once, at the first call, before any update; with anchor "batch" it takes the training
+    forward's own activations and runs the batch once more, without gradients and with adapters
+    disabled, for the reference.
     """
 
     def __init__(self, model: nn.Module, sae, features: FeatureSet, cfg: CWACConfig, anchors: Batches | None):
