@@ -75,7 +75,7 @@ def collator(tokenizer, max_length: int):
 
 
 def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, constraints=None):
-    """LoRA SFT through the HF Trainer; returns the PEFT model and the training time."""
+    """LoRA SFT through the HF Trainer; returns the PEFT model, the training time and the log history."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -97,8 +97,7 @@ def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, see
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
-    write_json_atomically(out / "log_history.json", {"log_history": trainer.state.log_history})
-    return peft_model, elapsed
+    return peft_model, elapsed, trainer.state.log_history
 
 
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
@@ -174,7 +173,7 @@ def main() -> None:
         align_set = safety + benign_align
         random.Random(args.seed).shuffle(align_set)
         steps = len(align_set) // 8
-        peft_model, elapsed = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
+        peft_model, elapsed, _ = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(aligned_dir)
         tokenizer.save_pretrained(aligned_dir)
@@ -224,7 +223,7 @@ def main() -> None:
                 continue
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
             settings = None if METHODS[method] is None else cwac.model_copy(update=METHODS[method])
-            peft_model, elapsed = lora_train(
+            peft_model, elapsed, log_history = lora_train(
                 model, tokenizer, mix, work / "runs" / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
                 constraints=None if settings is None else make_constraints(settings, safety, tokenizer),
             )
@@ -233,6 +232,7 @@ def main() -> None:
                 "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(mix),
             }
             write_json_atomically(out / "reports" / f"{key.replace('/', '_')}.json", report)
+            write_json_atomically(out / "logs" / f"{key.replace('/', '_')}.json", {"log_history": log_history})
             write_json_atomically(results_path, results)
             print(key, results["runs"][key], flush=True)
     results["config"] = {
