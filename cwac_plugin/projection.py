@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from cwac_plugin.subspace import Subspace, SubspaceError, base_model_of, resolve_modules
+from cwac_plugin.subspace import Subspace, SubspaceError, base_model_of, is_lora_wrapper, linear_of, resolve_modules
 
 
 def project_input_side(x: Tensor, basis: Tensor, target: Tensor | None = None) -> Tensor:
@@ -162,10 +162,6 @@ class LeakageReport:
         return math.sqrt(self.output_leak_sq / self.update_sq) if self.update_sq > 0 else 0.0
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
-    return hasattr(module, "lora_A") and hasattr(module, "active_adapters")
-
-
 class WeightConstraint:
     """Keeps every trainable update of the protected modules out of the safety subspace.
 
@@ -189,7 +185,7 @@ class WeightConstraint:
             device = self._device_of(module)
             input_basis = subspace.input_basis(name, device)
             output_basis = subspace.output_basis(name, device)
-            if _is_lora_layer(module):
+            if is_lora_wrapper(module):
                 self._bind_lora(name, module, input_basis, output_basis)
             elif module.weight.requires_grad:
                 self._bind_full(name, module, input_basis, output_basis, log_leakage)
@@ -212,7 +208,7 @@ class WeightConstraint:
 
     @staticmethod
     def _device_of(module: nn.Module) -> torch.device:
-        weight = module.get_base_layer().weight if _is_lora_layer(module) else module.weight
+        weight = linear_of(module).weight
         return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
     def _bind_lora(self, name: str, module: nn.Module, input_basis: Tensor | None, output_basis: Tensor | None):

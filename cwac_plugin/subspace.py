@@ -45,13 +45,13 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_lora_wrapper(module: nn.Module) -> bool:
+def is_lora_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
 
 def linear_of(module: nn.Module) -> nn.Module:
     """The linear layer holding the base weight (PEFT wraps it as `base_layer`)."""
-    return module.get_base_layer() if _is_lora_wrapper(module) else module
+    return module.get_base_layer() if is_lora_wrapper(module) else module
 
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
