@@ -91,7 +91,9 @@ def test_penalty_keeps_features_closer_to_the_aligned_model(tmp_path, tiny_model
     overrides, launcher = MODES[mode]
     data = {**data_files, "train": artifacts["train"]}
     drift = {}
-    for lam in (0.0, 20.0):
+    # lambda 100 keeps a wide margin: the ZeRO-3 runs are not bit-reproducible across sessions (their
+    # unpenalised drift ranged 0.52-0.73), and at lambda 20 the reduction ranged 0.39x-0.69x.
+    for lam in (0.0, 100.0):
         run_dir = tmp_path / f"lambda{lam:g}"
         run_dir.mkdir()
         config = axolotl_config(
@@ -106,9 +108,9 @@ def test_penalty_keeps_features_closer_to_the_aligned_model(tmp_path, tiny_model
         logged = [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]
         assert len(logged) == 8 and all("cwac/act_loss" in e and "cwac/feature_drift" in e for e in logged)
         drift[lam] = feature_drift(tiny_model, out, artifacts["cwac"])
-    print(f"{mode}: feature drift without penalty {drift[0.0]:.4f}, with {drift[20.0]:.4f}")
+    print(f"{mode}: feature drift without penalty {drift[0.0]:.4f}, with {drift[100.0]:.4f}")
     assert drift[0.0] > 0.05, "the attack data did not move the features: the test shows nothing"
-    assert drift[20.0] < 0.6 * drift[0.0], drift
+    assert drift[100.0] < 0.6 * drift[0.0], drift
 
 
 def test_coupled_cwac_run(tmp_path, tiny_model, data_files, artifacts, subspace_file):
