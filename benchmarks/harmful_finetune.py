@@ -231,8 +231,9 @@ def main() -> None:
             results["runs"][key] = summary(report) | {
                 "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(mix),
             }
-            write_json_atomically(out / "reports" / f"{key.replace('/', '_')}.json", report)
-            write_json_atomically(out / "logs" / f"{key.replace('/', '_')}.json", {"log_history": log_history})
+            name = f"{'' if args.split == 'eval' else args.split + '_'}{key.replace('/', '_')}.json"
+            write_json_atomically(out / "reports" / name, report)
+            write_json_atomically(out / "logs" / name, {"log_history": log_history})
             write_json_atomically(results_path, results)
             print(key, results["runs"][key], flush=True)
     results["config"] = {
