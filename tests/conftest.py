@@ -116,3 +116,14 @@ def subspace_file(tmp_path_factory, tiny_model, data_files) -> Path:
     proc = check_ok(run(["cwac", "subspace", str(config)], cwd=tmp))
     assert "wrote" in proc.stdout
     return tmp / "subspace.safetensors"
+
+
+def logged_steps(out_dir: Path) -> list[dict]:
+    """Training-step entries of the last checkpoint's trainer_state.json.
+
+    In a 2-process CPU run the file was once found with a second JSON document appended (a write
+    race in the Trainer's checkpointing, outside this project): the first document is read.
+    """
+    state = max(out_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    document, _ = json.JSONDecoder().raw_decode(state.read_text())
+    return [entry for entry in document["log_history"] if "loss" in entry]

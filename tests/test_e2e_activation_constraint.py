@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEEPSPEED, SAFETY, axolotl_config, check_ok, run
+from conftest import DEEPSPEED, SAFETY, axolotl_config, check_ok, logged_steps, run
 from safetensors import safe_open
 from test_e2e_weight_constraint import LORA, TORCHRUN, leakage_of, trained_deltas
 
@@ -105,8 +105,7 @@ def test_penalty_keeps_features_closer_to_the_aligned_model(tmp_path, tiny_model
         out = run_dir / "out"
         with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:  # a plain adapter, no plugin state
             assert all(".lora_A." in key or ".lora_B." in key for key in f.keys())
-        state = max(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-        logged = [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+        logged = logged_steps(out)
         assert len(logged) == 8 and all("cwac/act_loss" in e and "cwac/feature_drift" in e for e in logged)
         drift[lam] = feature_drift(tiny_model, out, artifacts["cwac"])
     print(f"{mode}: feature drift without penalty {drift[0.0]:.4f}, with {drift[100.0]:.4f}")
@@ -124,7 +123,6 @@ def test_coupled_cwac_run(tmp_path, tiny_model, data_files, artifacts, subspace_
     subspace = Subspace.load(subspace_file)
     norm, input_leakage, _ = leakage_of(subspace, trained_deltas(tiny_model, tmp_path / "out", subspace.module_names, True))
     assert norm > 1e-3 and input_leakage < 1e-5
-    (state,) = (tmp_path / "out").glob("checkpoint-*/trainer_state.json")
-    logged = [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+    logged = logged_steps(tmp_path / "out")
     assert all(e["cwac/leakage"] < 1e-5 and e["cwac/act_loss"] >= 0 for e in logged)
     assert any(e["cwac/act_loss"] > 0 for e in logged)

@@ -4,13 +4,12 @@ Every run is a subprocess, as a user runs it. The check reloads the base model a
 model/adapter (merged by PEFT, not by our code) and measures ||dW U|| / ||dW|| against the file.
 """
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEEPSPEED, axolotl_config, check_ok, run
+from conftest import DEEPSPEED, axolotl_config, check_ok, logged_steps, run
 from safetensors.torch import load_file
 
 from cwac_plugin.subspace import Subspace
@@ -54,12 +53,6 @@ def leakage_of(subspace: Subspace, deltas: dict[str, torch.Tensor]) -> tuple[flo
     return math.sqrt(update), math.sqrt(input_leak / update), math.sqrt(output_leak / update)
 
 
-def logged_leakage(out_dir: Path) -> list[float]:
-    (state_file,) = out_dir.glob("checkpoint-*/trainer_state.json")
-    history = json.loads(state_file.read_text())["log_history"]
-    return [entry["cwac/leakage"] for entry in history if "loss" in entry]
-
-
 def train_and_check(tmp, tiny_model, data_files, subspace_file, saves_adapter: bool, launcher=(), cwac=None, **overrides):
     cwac = {"subspace": str(subspace_file), **(cwac or {})}
     config = axolotl_config(tmp, tiny_model, data_files, cwac=cwac, **overrides)
@@ -71,7 +64,7 @@ def train_and_check(tmp, tiny_model, data_files, subspace_file, saves_adapter: b
     assert norm > 1e-3, "the protected weights did not change: no training happened"
     assert input_leakage < 1e-5
     assert output_leakage < 1e-5
-    logged = logged_leakage(tmp / "out")
+    logged = [entry["cwac/leakage"] for entry in logged_steps(tmp / "out")]
     assert len(logged) == 4 and max(logged) < 1e-5
     return config
 
