@@ -425,7 +425,8 @@ class ActivationConstraint:
     """
 
     def __init__(self, model: nn.Module, sae, features: FeatureSet, cfg: CWACConfig, anchors: Batches | None):
-        if cfg.act_anchor == "batch" and not hasattr(base_model_peft(model), "disable_adapter"):
+        self.peft_model = base_model_peft(model)
+        if cfg.act_anchor == "batch" and not hasattr(self.peft_model, "disable_adapter"):
             raise SAEConfigError(
                 "cwac.act_anchor 'batch' needs an adapter (LoRA/QLoRA) to compute the aligned model's "
                 "reference; use cwac.act_anchor: safety for full fine-tuning"
@@ -442,7 +443,6 @@ class ActivationConstraint:
         self.anchors = anchors
         self._references: list[tuple[dict[str, Tensor], Tensor]] | None = None
         self._next_anchor = 0
-        self.peft_model = base_model_peft(model)
 
     def _encode(self, hidden: Tensor) -> Tensor:
         if self.indices.device != hidden.device:
