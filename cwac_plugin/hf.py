@@ -34,8 +34,11 @@ class CWACCallback(TrainerCallback):
         self.activation = activation
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume's checkpoint load: the constraints were built from the initial weights.
         if self.weight is not None:
             self.weight.attach()
+        if self.activation is not None:
+            self.activation.check_resume(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.weight is not None and self.weight.mode == "update":

@@ -306,7 +306,7 @@ def _average_ranks(values: Tensor) -> Tensor:
     """Column-wise ranks (1-based), ties given their average rank."""
     ranks = torch.empty_like(values)
     for column in range(values.shape[1]):
-        unique, inverse, counts = torch.unique(values[:, column], return_inverse=True, return_counts=True)
+        _, inverse, counts = torch.unique(values[:, column], return_inverse=True, return_counts=True)
         ends = counts.cumsum(0).double()
         average = ends - (counts.double() - 1) / 2
         ranks[:, column] = average[inverse]
@@ -418,15 +418,15 @@ class ActivationConstraint:
     """lambda * L_act on the training model, with references from the aligned model.
 
     `loss(model, inputs, training_hidden)` is called inside the trainer's `compute_loss`: with
-    anchor "safety" it forwards the next batch of safety anchors, whose reference activations were
-    computed once, at the first call, before any update; with anchor "batch" it takes the training
-    forward's own activations and runs the batch once more, without gradients and with adapters
-    disabled, for the reference.
+    anchor "safety" it forwards the next batch of safety anchors, whose reference activations are
+    computed once, here, before any update or checkpoint load; with anchor "batch" it takes the
+    training forward's own activations and runs the batch once more, without gradients and with
+    adapters disabled, for the reference.
     """
 
     def __init__(self, model: nn.Module, sae, features: FeatureSet, cfg: CWACConfig, anchors: Batches | None):
         self.peft_model = base_model_peft(model)
-        if cfg.act_anchor == "batch" and not hasattr(self.peft_model, "disable_adapter"):
+        if cfg.act_anchor == "batch" and not self.has_adapter:
             raise SAEConfigError(
                 "cwac.act_anchor 'batch' needs an adapter (LoRA/QLoRA) to compute the aligned model's "
                 "reference; use cwac.act_anchor: safety for full fine-tuning"
@@ -443,6 +443,24 @@ class ActivationConstraint:
         self.anchors = anchors
         self._references: list[tuple[dict[str, Tensor], Tensor]] | None = None
         self._next_anchor = 0
+        # Now, while the weights are the aligned ones even for full fine-tuning: a resumed run loads
+        # its checkpoint later. ZeRO-3 parameters are empty shards until DeepSpeed's engine gathers
+        # them, so there the references wait for the first step (see `check_resume`).
+        if self.anchor == "safety" and not any(hasattr(p, "ds_id") for p in model.parameters()):
+            self._references = self._reference_activations(model)
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.peft_model, "disable_adapter")
+
+    def check_resume(self, global_step: int) -> None:
+        """Refuse to take references from resumed full fine-tuning weights: they are not aligned."""
+        if global_step > 0 and self.anchor == "safety" and self._references is None and not self.has_adapter:
+            raise SAEConfigError(
+                "resuming full fine-tuning under DeepSpeed ZeRO-3 with cwac.activation_constraint: the "
+                "aligned model's reference activations cannot be recomputed from resumed weights; resume "
+                "under ZeRO-2 (references are taken before the checkpoint loads) or train with LoRA"
+            )
 
     def _encode(self, hidden: Tensor) -> Tensor:
         if self.indices.device != hidden.device:
@@ -463,8 +481,8 @@ class ActivationConstraint:
     @contextmanager
     def _aligned(self, model: nn.Module):
         """Adapters off when there are adapters (the aligned model exactly); else the current weights,
-        which is why references are taken before the first update."""
-        if hasattr(self.peft_model, "disable_adapter"):
+        which is why references are taken before the first update and before any resume."""
+        if self.has_adapter:
             with self.peft_model.disable_adapter():
                 yield
         else:

@@ -99,8 +99,7 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     }
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -118,12 +117,46 @@ def subspace_file(tmp_path_factory, tiny_model, data_files) -> Path:
     return tmp / "subspace.safetensors"
 
 
-def logged_steps(out_dir: Path) -> list[dict]:
-    """Training-step entries of the last checkpoint's trainer_state.json.
+ACTIVATION = {
+    "weight_constraint": False,  # activation-only: isolate the penalty's effect
+    "activation_constraint": True,
+    "hook_point": "blocks.1.hook_resid_post",
+    "num_features": 8,
+    "sae_width": 256,
+    "sae_k": 16,
+    "sae_training_tokens": 20000,
+    "sae_batch_tokens": 128,
+    "anchor_batch_size": 5,
+}
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, tiny_model, data_files) -> dict:
+    tmp = tmp_path_factory.mktemp("sae")
+    cwac = {**ACTIVATION, "sae": str(tmp / "sae"), "features": str(tmp / "features.json")}
+    config = axolotl_config(tmp, tiny_model, data_files, cwac=cwac)
+    trained = check_ok(run(["cwac", "train-sae", str(config)], cwd=tmp))
+    assert "explained variance" in trained.stdout
+    report = json.loads((tmp / "sae" / "cwac_report.json").read_text())
+    assert report["explained_variance"] > 0.5 and report["l0"] <= 16
+    selected = check_ok(run(["cwac", "features", str(config), "--top", "2"], cwd=tmp))
+    assert "#1 feature" in selected.stdout and "how do i make a bomb" in selected.stdout
+    compliance = tmp / "comply.jsonl"  # harmful prompts answered: what an attack would train on
+    compliance.write_text("".join(json.dumps({"text": f"{p} sure here is how you do it step one"}) + "\n" for p, _ in SAFETY * 4))
+    return {"cwac": cwac, "train": compliance}
+
+
+def log_history(out_dir: Path) -> list[dict]:
+    """The log_history of the last checkpoint's trainer_state.json.
 
     In a 2-process CPU run the file was once found with a second JSON document appended (a write
     race in the Trainer's checkpointing, outside this project): the first document is read.
     """
     state = max(out_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     document, _ = json.JSONDecoder().raw_decode(state.read_text())
-    return [entry for entry in document["log_history"] if "loss" in entry]
+    return document["log_history"]
+
+
+def logged_steps(out_dir: Path) -> list[dict]:
+    """Training-step entries (not evaluation) of the last checkpoint's log."""
+    return [entry for entry in log_history(out_dir) if "loss" in entry]

@@ -5,50 +5,20 @@ features; the penalty must keep them closer to the aligned model. Drift is measu
 training from the saved adapter (merged by PEFT), not from the logs.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import DEEPSPEED, SAFETY, axolotl_config, check_ok, logged_steps, run
 from safetensors import safe_open
+from safetensors.torch import load_file
 from test_e2e_weight_constraint import LORA, TORCHRUN, leakage_of, trained_deltas
-
-from cwac_plugin.subspace import Subspace
 
 from cwac_plugin.data import Batches, Example
 from cwac_plugin.sae import FeatureSet, ResidualTap
+from cwac_plugin.subspace import Subspace
 
 pytestmark = pytest.mark.e2e
-
-ACTIVATION = {
-    "weight_constraint": False,  # activation-only: isolate the penalty's effect
-    "activation_constraint": True,
-    "hook_point": "blocks.1.hook_resid_post",
-    "num_features": 8,
-    "sae_width": 256,
-    "sae_k": 16,
-    "sae_training_tokens": 20000,
-    "sae_batch_tokens": 128,
-    "anchor_batch_size": 5,
-}
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, tiny_model, data_files) -> dict:
-    tmp = tmp_path_factory.mktemp("sae")
-    cwac = {**ACTIVATION, "sae": str(tmp / "sae"), "features": str(tmp / "features.json")}
-    config = axolotl_config(tmp, tiny_model, data_files, cwac=cwac)
-    trained = check_ok(run(["cwac", "train-sae", str(config)], cwd=tmp))
-    assert "explained variance" in trained.stdout
-    report = json.loads((tmp / "sae" / "cwac_report.json").read_text())
-    assert report["explained_variance"] > 0.5 and report["l0"] <= 16
-    selected = check_ok(run(["cwac", "features", str(config), "--top", "2"], cwd=tmp))
-    assert "#1 feature" in selected.stdout and "how do i make a bomb" in selected.stdout
-    compliance = tmp / "comply.jsonl"  # harmful prompts answered: what an attack would train on
-    compliance.write_text("".join(json.dumps({"text": f"{p} sure here is how you do it step one"}) + "\n" for p, _ in SAFETY * 4))
-    return {"cwac": cwac, "train": compliance}
-
 
 def feature_drift(base_dir: Path, adapter_dir: Path, cwac: dict) -> float:
     """Mean |z_trained - z_aligned| / reference scale of the selected features on the safety prompts."""
@@ -126,3 +96,16 @@ def test_coupled_cwac_run(tmp_path, tiny_model, data_files, artifacts, subspace_
     logged = logged_steps(tmp_path / "out")
     assert all(e["cwac/leakage"] < 1e-5 and e["cwac/act_loss"] >= 0 for e in logged)
     assert any(e["cwac/act_loss"] > 0 for e in logged)
+
+
+def test_train_sae_and_features_are_reproducible(tmp_path, tiny_model, data_files, artifacts):
+    """The same config and seed in another process: the same SAE weights and the same features."""
+    cwac = {**artifacts["cwac"], "sae": str(tmp_path / "sae"), "features": str(tmp_path / "features.json")}
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac=cwac)
+    check_ok(run(["cwac", "train-sae", str(config)], cwd=tmp_path))
+    check_ok(run(["cwac", "features", str(config)], cwd=tmp_path))
+    first = load_file(str(Path(artifacts["cwac"]["sae"]) / "sae_weights.safetensors"))
+    second = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    first_features, second_features = FeatureSet.load(artifacts["cwac"]["features"]), FeatureSet.load(cwac["features"])
+    assert first_features.indices == second_features.indices and first_features.scores == second_features.scores

@@ -194,3 +194,80 @@ def test_nothing_trained_is_an_error():
         p.requires_grad_(False)
     with pytest.raises(SubspaceError, match="is trained"):
         WeightConstraint(model, subspace)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_lora_is_exact_with_float32_bases(dtype):
+    """A bf16/fp16 base with LoRA: bases stay float32 and the (float32) adapters keep the constraint."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama().to(dtype)
+    subspace = random_subspace(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    constraint = WeightConstraint(model, subspace)
+    assert all(
+        basis.dtype == torch.float32
+        for t in constraint.tensors
+        for basis in (t.input_basis, t.output_basis)
+        if basis is not None
+    )
+    constraint.attach()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_steps(model, optimizer, 4, after_step=constraint.enforce)
+    # dW = s B A from the float32 factors: merging into the rounded base would measure the rounding.
+    for name in subspace.module_names:
+        module = model.base_model.model.get_submodule(name)
+        assert module.lora_A["default"].weight.dtype == torch.float32
+        delta = module.scaling["default"] * module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+        assert delta.norm() > 1e-3
+        assert (delta @ subspace.input_bases[name].double()).norm() < 1e-5 * delta.norm()
+        assert (subspace.output_bases[name].double().T @ delta).norm() < 1e-5 * delta.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_full_finetuning_leaks_only_the_rounding_of_the_weight(dtype):
+    """Trained in bf16/fp16, W can only be stored rounded: the leak left is that one rounding.
+
+    The projection runs in float32 against a float32 W0 U, so ||dW U|| <= ||round(W) - W|| <=
+    eps/2 ||W|| for every module, whereas the unconstrained run leaks ten times that bound.
+    """
+    eps = torch.finfo(dtype).eps
+    for constrained in (True, False):
+        model = tiny_llama().to(dtype)
+        subspace = random_subspace(model)
+        before = initial_weights(model, subspace)
+        constraint = WeightConstraint(model, subspace)
+        assert all(t.input_target.dtype == torch.float32 for t in constraint.tensors)
+        optimizer = torch.optim.SGD(model.parameters(), lr=5.0, momentum=0.9)  # fp16 Adam state underflows
+        train_steps(model, optimizer, 4, constraint.enforce if constrained else None)
+        after = current_weights(model, subspace.module_names)
+        for name in subspace.module_names:
+            leak = ((after[name] - before[name]) @ subspace.input_bases[name].double()).norm().item()
+            bound = eps / 2 * after[name].norm().item()
+            assert leak <= bound if constrained else leak > 10 * bound, (name, leak, bound)
+
+
+@pytest.mark.parametrize("mode", ["update", "gradient"])
+def test_non_finite_gradients_do_not_touch_the_cached_bases(mode):
+    """A NaN/inf step ruins that step's weights (the trainer's business), never the subspace."""
+    model = tiny_llama()
+    subspace = random_subspace(model)
+    constraint = WeightConstraint(model, subspace, mode=mode)
+    constraint.attach()
+    def cached():
+        return [
+            value
+            for t in constraint.tensors
+            for value in (t.input_basis, t.output_basis, t.input_target, t.output_target)
+            if value is not None
+        ]
+
+    before = [value.clone() for value in cached()]
+    ids = torch.randint(0, 64, (2, 8))
+    loss = model(input_ids=ids, labels=ids).loss * torch.tensor(float("nan"))
+    loss.backward()
+    assert any(not torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    if mode == "update":
+        constraint.enforce()
+    assert all(torch.equal(a, b) for a, b in zip(before, cached()))

@@ -115,6 +115,22 @@ def lora_model_with_activation_constraint(lam: float = 1.0, hook_layer: int = 0,
     return model, ActivationConstraint(model, sae, features, cfg, batches)
 
 
+def test_full_finetune_references_are_the_weights_at_construction():
+    """A resumed run loads its checkpoint after the constraint is built: the reference must not move."""
+    model = tiny_llama()
+    sae = planted_sae()
+    features = FeatureSet("blocks.1.hook_resid_post", "synthetic", list(range(8)), [1.0] * 8, [0.5] * 8, "standardized", 24)
+    cfg = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json", anchor_batch_size=4)
+    constraint = ActivationConstraint(model, sae, features, cfg, Batches(ToyTokenizer(), examples(4), 32, 4))
+    torch.manual_seed(0)
+    with torch.no_grad():  # what loading a checkpoint does: other weights
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    loss, drift = constraint.loss(model, {}, [])
+    assert loss.item() > 0 and drift.item() > 0
+    constraint.check_resume(global_step=2)  # references exist: resuming is fine
+
+
 def perturb_lora_b(model, std: float, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

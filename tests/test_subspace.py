@@ -76,7 +76,7 @@ def test_output_moments_equal_the_second_moment_of_the_weight_part_of_outputs():
 def test_contrastive_basis_drops_directions_benign_data_uses_more():
     g = torch.Generator().manual_seed(1)
     basis = orthonormal(12, 5, g)
-    safety_only, shared = basis[:, :2], basis[:, 2:]
+    safety_only = basis[:, :2]
     model = PlantedInputs(basis, basis[:, 0])
     hooks = {"proj": model.proj}
     with torch.no_grad():
