@@ -48,9 +48,14 @@ def _job(config: Path, output: Path | None, key: str, what: str):
     return cfg, settings, target, settings.max_length or cfg.sequence_len
 
 
-def _load_model(cfg):
+def _load_model(cfg, max_length: int, examples: list):
+    """The model and tokenizer of CONFIG; every example is tokenised first, before the (slow) model."""
     from axolotl.cli.utils.load import load_model_and_tokenizer
+    from axolotl.loaders import load_tokenizer
 
+    from cwac_plugin.data import check_lengths
+
+    check_lengths(load_tokenizer(cfg), examples, max_length)
     model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
     return model, tokenizer
 
@@ -70,7 +75,7 @@ def subspace(config: Path, output: Path | None):
 
     cfg, settings, target, max_length = _job(config, output, "subspace", "the file to write")
     data = SubspaceData.load(settings)  # data errors surface before the model is loaded
-    model, tokenizer = _load_model(cfg)
+    model, tokenizer = _load_model(cfg, max_length, data.safety + (data.contrast or []) if data else [])
     result = compute_subspace(model, tokenizer, settings, max_length, data)
     path = result.save(target)
     click.echo(f"wrote {path}: {describe(result)}")
@@ -92,7 +97,7 @@ def train_sae_command(config: Path, output: Path | None):
     examples = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
     if settings.contrast_data:
         examples += load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
-    model, tokenizer = _load_model(cfg)
+    model, tokenizer = _load_model(cfg, max_length, examples)
     report = train_sae(model, tokenizer, settings, examples, max_length, target)
     click.echo(
         f"wrote {target}: explained variance {report['explained_variance']:.3f}, L0 {report['l0']:.1f}, "
@@ -115,7 +120,7 @@ def features(config: Path, output: Path | None, top: int):
     harmful = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
     benign = load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
     sae = load_sae(settings)
-    model, tokenizer = _load_model(cfg)
+    model, tokenizer = _load_model(cfg, max_length, harmful + benign)
     sae.to(next(model.parameters()).device)
     feature_set, z_harm, _ = select_features(model, tokenizer, sae, settings, harmful, benign, max_length)
     feature_set.save(target)

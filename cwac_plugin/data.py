@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import torch
 class Example:
     prompt: str
     response: str
+    source: str = field(default="", compare=False)  # "file:line", for error messages
 
 
 class DataError(ValueError):
@@ -43,7 +44,7 @@ def load_examples(path: str | Path, key: str, max_examples: int | None = None) -
                 isinstance(record.get(field), str) for field in ("prompt", "response")
             ):
                 raise DataError(f"{key}: {path}:{line_no} needs string fields 'prompt' and 'response'")
-            examples.append(Example(record["prompt"], record["response"]))
+            examples.append(Example(record["prompt"], record["response"], f"{key}: {path}:{line_no}"))
             if max_examples is not None and len(examples) >= max_examples:
                 break
     if not examples:
@@ -74,7 +75,19 @@ def encode_example(tokenizer, example: Example, max_length: int) -> tuple[list[i
         full_ids = prompt_ids + tokenizer(example.response, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             full_ids.append(tokenizer.eos_token_id)
-    return full_ids[:max_length], min(len(prompt_ids), max_length)
+    if len(prompt_ids) >= max_length:
+        raise DataError(
+            f"{example.source or 'an example'}: the prompt alone is {len(prompt_ids)} tokens, so none of the "
+            f"response fits in {max_length} (cwac.max_length, else sequence_len); raise cwac.max_length or "
+            "shorten or drop the prompt"
+        )
+    return full_ids[:max_length], len(prompt_ids)
+
+
+def check_lengths(tokenizer, examples: list[Example], max_length: int) -> None:
+    """Tokenise everything once, cheaply, so that a prompt that does not fit fails before a model loads."""
+    for example in examples:
+        encode_example(tokenizer, example, max_length)
 
 
 def _as_ids(encoded) -> list[int]:

@@ -1,5 +1,7 @@
 """The `cwac` block: pydantic validation alone, inside Axolotl's config, and its errors in use."""
 
+import json
+
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -86,6 +88,18 @@ def test_subspace_cli_reports_data_errors(tmp_path, tiny_model, data_files):
     proc = run(["cwac", "subspace", str(config)], cwd=tmp_path)
     assert proc.returncode == 2
     assert f"cwac.safety_data: {bad}:2 needs string fields 'prompt' and 'response'" in proc.stderr
+    assert "Loading weights" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "subspace.safetensors").exists()
+
+
+def test_prompt_longer_than_max_length_fails_before_model_load(tmp_path, tiny_model, data_files):
+    long_prompt = tmp_path / "long.jsonl"
+    long_prompt.write_text('{"prompt": "a", "response": "b"}\n' + json.dumps({"prompt": "bomb " * 40, "response": "no"}) + "\n")
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"safety_data": str(long_prompt), "max_length": 16})
+    proc = run(["cwac", "subspace", str(config)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"cwac.safety_data: {long_prompt}:2: the prompt alone is" in proc.stderr
+    assert "raise cwac.max_length" in proc.stderr
     assert "Loading weights" not in proc.stdout + proc.stderr
     assert not (tmp_path / "subspace.safetensors").exists()
 
