@@ -1,22 +1,28 @@
 """Step time and memory of CWAC against plain training, measured side by side (interleaved).
 
-    python benchmarks/overhead.py --model tiny --out benchmarks/results/overhead/tiny.json
-    python benchmarks/overhead.py --model runs/smollm2/model --training lora --out benchmarks/results/overhead/smollm2.json
+    python benchmarks/overhead.py --model tiny --training lora --out benchmarks/results/overhead/tiny_lora.json
+    python benchmarks/overhead.py --model runs/smollm2/model --training qlora --out benchmarks/results/overhead/smollm2_qlora.json
 
 Each repeat trains every method for `--steps` steps from the same initial weights and data, in turn,
-so that machine noise hits all methods alike; the first step of each run is dropped (warm-up). The
-subspace (random orthonormal bases, rank 16 on every linear module), the SAE (an untrained TopK SAE,
-8x wide) and the 32 features are synthetic: the cost does not depend on their quality.
-Memory: on CUDA the peak allocated memory per run; everywhere the bytes the constraints hold
-(bases, W0 U and V^T W0 targets, the CPU copy of W0 for the leakage metric, SAE, anchor references).
+each run in a fresh process, so that machine noise hits all methods alike and each run's peak
+memory is its own; the first step of each run is dropped (warm-up). The subspace (random
+orthonormal bases, rank 16 on every linear module), the SAE (an untrained TopK SAE, 8x wide) and
+the 32 features are synthetic: the cost does not depend on their quality.
+Memory: the peak resident set of the run's process (CPU) or peak allocated CUDA memory, and the
+bytes the constraints hold (bases, W0 U and V^T W0 targets, the CPU copy of W0 for the leakage
+metric, SAE, anchor references). `--profile METHOD` writes a torch profiler table of that method.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,17 +59,36 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def load_model(name: str, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def model_dir(name: str, work: Path) -> Path:
+    """An HF directory: `tiny` is a random 4-layer Llama saved once, so 4-bit loading works for it too."""
+    if name != "tiny":
+        return Path(name)
+    path = work / "tiny-llama"
+    if not (path / "config.json").exists():
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    if name == "tiny":
         torch.manual_seed(0)
         config = LlamaConfig(
             vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512,
         )
-        return LlamaForCausalLM(config).to(device), None
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device), AutoTokenizer.from_pretrained(name)
+        LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def load_model(path: Path, training: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quantization = None
+    if training == "qlora":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=quantization, device_map={"": device}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer
 
 
 def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32) -> CWACConfig:
@@ -109,7 +134,7 @@ def constraint_bytes(weight, activation) -> int:
     return total
 
 
-def run_once(args, method: str, cfg: CWACConfig, data: list[dict], tokenizer, device: str) -> dict:
+def run_once(args, method: str, device: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -118,8 +143,9 @@ def run_once(args, method: str, cfg: CWACConfig, data: list[dict], tokenizer, de
     from cwac_plugin.sae import ActivationConstraint, FeatureSet, load_sae
     from cwac_plugin.subspace import Subspace
 
-    model, _ = load_model(args.model, device)
-    if args.training == "lora":
+    cfg = CWACConfig.model_validate_json((args.work / "cwac.json").read_text())
+    model, tokenizer = load_model(model_dir(args.model, args.work), args.training, device)
+    if args.training in ("lora", "qlora"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -128,7 +154,7 @@ def run_once(args, method: str, cfg: CWACConfig, data: list[dict], tokenizer, de
         learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=1, use_cpu=device == "cpu",
         remove_unused_columns=False, seed=0,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=data)
+    trainer = Trainer(model=model, args=training_args, train_dataset=training_data(args, model.config.vocab_size))
     timer = StepTimer()
     trainer.add_callback(timer)
     weight = activation = None
@@ -142,12 +168,38 @@ def run_once(args, method: str, cfg: CWACConfig, data: list[dict], tokenizer, de
             batches = Batches(tokenizer or _ToyTokenizer(), anchors, 64, settings.anchor_batch_size, device)
             activation = ActivationConstraint(trainer.model, load_sae(settings, device), FeatureSet.load(settings.features), settings, batches)
         install(trainer, weight=weight, activation=activation)
-    trainer.train()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            trainer.train()
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=25)
+        (args.out.parent / f"profile_{args.out.stem}_{method}.txt").write_text(table)
+    else:
+        trainer.train()
     return {
         "step_seconds": statistics.median(timer.times[1:]),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "constraint_bytes": constraint_bytes(weight, activation),
     }
+
+
+def training_data(args, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch_size * args.steps, args.seq_len), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def in_fresh_process(args, method: str) -> dict:
+    """One measured run in its own process: its peak memory is not the previous run's."""
+    command = [sys.executable, __file__, "--run-one", method, *sys.argv[1:]]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class _ToyTokenizer:
@@ -160,49 +212,62 @@ class _ToyTokenizer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (random 4-layer Llama) or an HF model directory")
-    parser.add_argument("--training", choices=["lora", "full"], default="lora")
+    parser.add_argument("--training", choices=["lora", "qlora", "full"], default="lora")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--profile", action="store_true", help="One run per method under torch.profiler; tables beside --out.")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--run-one", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work = args.out.parent / "work"
     args.work.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.run_one:
+        print(json.dumps(run_once(args, args.run_one, device)))
+        return
 
-    model, tokenizer = load_model(args.model, device)
-    cfg = synthetic_artifacts(model, args.work)
-    vocab = model.config.vocab_size
+    model, _ = load_model(model_dir(args.model, args.work), "full", device)
+    (args.work / "cwac.json").write_text(synthetic_artifacts(model, args.work).model_dump_json())
     del model
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, vocab, (args.batch_size * args.steps, args.seq_len), generator=g)]
     methods = [m for m in args.methods if not (m == "activation-batch" and args.training == "full")]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for repeat in range(args.repeats):
+    for repeat in range(1 if args.profile else args.repeats):
         for method in methods:
-            runs[method].append(run_once(args, method, cfg, data, tokenizer, device))
+            runs[method].append(in_fresh_process(args, method))
             print(f"repeat {repeat} {method}: {runs[method][-1]}", flush=True)
-    base = statistics.median(r["step_seconds"] for r in runs["plain"]) if "plain" in runs else None
+    if args.profile:
+        return
+    base = runs.get("plain")
     table = {}
     for method, results in runs.items():
         step = statistics.median(r["step_seconds"] for r in results)
-        peak = results[0]["peak_cuda_bytes"]
-        table[method] = {
+        peak = statistics.median(r["peak_cuda_bytes"] or r["peak_rss_bytes"] for r in results)
+        row = {
             "median_step_seconds": round(step, 4),
-            "step_ratio": round(step / base, 3) if base else None,
             "step_seconds_all": [round(r["step_seconds"], 4) for r in results],
-            "peak_cuda_bytes": peak,
+            "peak_bytes": int(peak),
             "constraint_bytes": results[0]["constraint_bytes"],
         }
+        if base:
+            row["step_ratio"] = round(step / statistics.median(r["step_seconds"] for r in base), 3)
+            row["peak_ratio"] = round(peak / statistics.median(r["peak_cuda_bytes"] or r["peak_rss_bytes"] for r in base), 3)
+        table[method] = row
     write_json_atomically(args.out, {
         "model": args.model, "training": args.training, "steps": args.steps, "repeats": args.repeats,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "methods": table,
+        "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "peak_memory": "peak allocated CUDA bytes" if device == "cuda" else "peak resident set of the run's process",
+        "methods": table,
     })
     for method, row in table.items():
-        print(f"{method:18s} {row['median_step_seconds']:.4f} s/step  x{row['step_ratio']}  constraints {row['constraint_bytes'] / 2**20:.1f} MiB")
+        print(
+            f"{method:18s} {row['median_step_seconds']:.4f} s/step  x{row.get('step_ratio')}  "
+            f"peak {row['peak_bytes'] / 2**20:.0f} MiB x{row.get('peak_ratio')}  constraints {row['constraint_bytes'] / 2**20:.2f} MiB"
+        )
 
 
 if __name__ == "__main__":

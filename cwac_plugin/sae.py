@@ -59,6 +59,15 @@ def parse_hook_point(hook_point: str, num_layers: int) -> tuple[int, str]:
     return layer, match.group(2)
 
 
+def zero3_partitioned(model: nn.Module) -> bool:
+    """Parameters are ZeRO-3 shards, gathered only inside a forward that DeepSpeed runs to the end."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+class _ReachedHookPoint(Exception):
+    """Ends a forward at the hook point: the later layers and the LM head are not needed."""
+
+
 class ResidualTap:
     """Captures the residual stream at a hook point, only inside `capture()`.
 
@@ -73,6 +82,9 @@ class ResidualTap:
         self.layer = layers[layer]
         self.captured: list[Tensor] = []
         self._active = False
+        self._stop = False
+        # Stopping a forward half-way would leave ZeRO-3's gathered parameters and prefetch trace behind.
+        self.can_stop_early = not zero3_partitioned(model)
         if side == "post":
             self._handle = self.layer.register_forward_hook(self._on_output)
         else:
@@ -80,28 +92,40 @@ class ResidualTap:
 
     def _on_output(self, _module, _args, output):
         if self._active:
-            self.captured.append(output[0] if isinstance(output, tuple) else output)
+            self._keep(output[0] if isinstance(output, tuple) else output)
 
     def _on_input(self, _module, args, kwargs):
         if self._active:
-            self.captured.append(args[0] if args else kwargs["hidden_states"])
+            self._keep(args[0] if args else kwargs["hidden_states"])
+
+    def _keep(self, hidden: Tensor) -> None:
+        self.captured.append(hidden)
+        if self._stop:
+            raise _ReachedHookPoint
 
     @contextmanager
-    def capture(self) -> Iterator[list[Tensor]]:
+    def capture(self, stop: bool = False) -> Iterator[list[Tensor]]:
+        """Collect activations; with `stop`, end the forward there (see `run_and_capture`)."""
+        # A reentrant-checkpointed layer's output gets its grad_fn only once the layer returns.
+        checkpointed = getattr(self.layer, "gradient_checkpointing", False) and self.layer.training
         self.captured = []
         self._active = True
+        self._stop = stop and self.can_stop_early and not (checkpointed and torch.is_grad_enabled())
         try:
             yield self.captured
+        except _ReachedHookPoint:
+            pass
         finally:
-            self._active = False
+            self._active = self._stop = False
 
     def remove(self) -> None:
         self._handle.remove()
 
 
-def run_and_capture(model: nn.Module, tap: ResidualTap, batch: dict[str, Tensor]) -> Tensor:
-    with tap.capture() as captured:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+def run_and_capture(model: nn.Module, tap: ResidualTap, inputs: dict[str, Tensor]) -> Tensor:
+    """The activations at the hook point, running the model only as far as it (where it may)."""
+    with tap.capture(stop=True) as captured:
+        model(**{key: value for key, value in inputs.items() if key != "labels"})
     if not captured:
         raise SAEConfigError(f"cwac.hook_point {tap.hook_point}: the hook did not fire during a forward pass")
     return captured[0]
@@ -446,7 +470,7 @@ class ActivationConstraint:
         # Now, while the weights are the aligned ones even for full fine-tuning: a resumed run loads
         # its checkpoint later. ZeRO-3 parameters are empty shards until DeepSpeed's engine gathers
         # them, so there the references wait for the first step (see `check_resume`).
-        if self.anchor == "safety" and not any(hasattr(p, "ds_id") for p in model.parameters()):
+        if self.anchor == "safety" and not zero3_partitioned(model):
             self._references = self._reference_activations(model)
 
     @property
@@ -510,10 +534,8 @@ class ActivationConstraint:
             if not training_hidden:
                 raise SAEConfigError(f"cwac.hook_point {self.tap.hook_point}: the hook did not fire in the training forward")
             z = self._encode(training_hidden[0])
-            forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            with torch.no_grad(), self._aligned(model), self.tap.capture() as reference:
-                model(**forward_inputs)
-            z_ref = self._encode(reference[0])
+            with torch.no_grad(), self._aligned(model):
+                z_ref = self._encode(run_and_capture(model, self.tap, inputs))
             mask = inputs.get("attention_mask", torch.ones(z.shape[:-1], device=z.device)).bool()
         loss, drift = feature_drift_loss(z, z_ref, mask, self.scale)
         return self.lam * loss, drift

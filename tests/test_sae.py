@@ -13,6 +13,7 @@ from cwac_plugin.sae import (
     SAEConfigError,
     feature_drift_loss,
     parse_hook_point,
+    run_and_capture,
     score_features,
 )
 
@@ -84,6 +85,21 @@ def test_resid_post_is_the_decoder_layer_output_and_pre_its_input():
             model(input_ids=ids)
         tap.remove()
         assert torch.allclose(captured[0], expected, atol=1e-6)
+
+
+def test_run_and_capture_stops_at_the_hook_point():
+    """Later layers and the LM head do not run, and the activations are those of a full forward."""
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 64, (2, 6))
+    tap = ResidualTap(model, "blocks.0.hook_resid_post")
+    later = []
+    model.model.layers[1].register_forward_hook(lambda *_: later.append("layer 1"))
+    model.lm_head.register_forward_hook(lambda *_: later.append("lm_head"))
+    with torch.no_grad():
+        early = run_and_capture(model, tap, {"input_ids": ids, "labels": ids})
+        full = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    assert later == ["layer 1", "lm_head"]  # only from the full forward
+    assert torch.equal(early, full)
 
 
 def examples(n: int = 4) -> list[Example]:
