@@ -9,8 +9,8 @@ memory is its own; the first step of each run is dropped (warm-up). The subspace
 orthonormal bases, rank 16 on every linear module), the SAE (an untrained TopK SAE, 8x wide) and
 the 32 features are synthetic: the cost does not depend on their quality.
 Memory: the peak resident set of the run's process (CPU) or peak allocated CUDA memory, and the
-bytes the constraints hold (bases, W0 U and V^T W0 targets, the CPU copy of W0 for the leakage
-metric, SAE, anchor references). `--profile METHOD` writes a torch profiler table of that method.
+bytes the constraints hold (bases, W0 U and V^T W0 targets, the leakage metric's sketch of W0,
+SAE, anchor references). `--profile METHOD` writes a torch profiler table of that method.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def model_dir(name: str, work: Path) -> Path:
 
         torch.manual_seed(0)
         config = LlamaConfig(
-            vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+            vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512,
         )
         LlamaForCausalLM(config).save_pretrained(path)
@@ -128,7 +128,9 @@ def constraint_bytes(weight, activation) -> int:
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()
-        total += sum(m.initial_weight_cpu.numel() * 4 for m in weight._full.values() if m.initial_weight_cpu is not None)
+        total += sum(
+            t.numel() * t.element_size() for m in weight._full.values() for t in (m.sketch, m.initial_sketched) if t is not None
+        )
     if activation is not None:
         total += sum(p.numel() * p.element_size() for p in activation.sae.parameters())
     return total

@@ -120,12 +120,24 @@ class ProtectedTensor:
         return projected.to(grad.dtype)
 
 
+SKETCH_COLUMNS = 64
+
+
 @dataclass
 class _FullModule:
-    """Full fine-tuning: the weight itself is trained; W0 is kept on CPU only for the metric."""
+    """Full fine-tuning: the weight itself is trained.
+
+    The leakage metric needs ||W - W0||_F, and keeping W0 would double the weights' memory. A
+    Gaussian sketch G (d_in x 64) with W0 G kept instead gives E ||(W - W0) G||^2 / 64 = ||W - W0||^2
+    (relative error ~ sqrt(2/64) at worst, for a rank-1 update): O((d_in + d_out) 64) memory.
+    """
 
     weight: ProtectedTensor
-    initial_weight_cpu: Tensor | None
+    sketch: Tensor | None = None
+    initial_sketched: Tensor | None = None
+
+    def update_sq(self, weight: Tensor) -> float:
+        return ((weight @ self.sketch - self.initial_sketched).square().sum() / self.sketch.shape[1]).item()
 
 
 @dataclass
@@ -248,7 +260,12 @@ class WeightConstraint:
             input_target=weight @ input_basis if input_basis is not None else None,
             output_target=output_basis.T @ weight if output_basis is not None else None,
         )
-        self._full[name] = _FullModule(protected, weight.cpu() if log_leakage else None)
+        full = _FullModule(protected)
+        if log_leakage:
+            generator = torch.Generator().manual_seed(len(self._full))
+            full.sketch = torch.randn(weight.shape[1], SKETCH_COLUMNS, generator=generator).to(weight.device)
+            full.initial_sketched = weight @ full.sketch
+        self._full[name] = full
 
     @property
     def module_names(self) -> list[str]:
@@ -277,14 +294,17 @@ class WeightConstraint:
 
     @torch.no_grad()
     def leakage(self) -> LeakageReport:
-        """||dW U||_F / ||dW||_F (and ||V^T dW||_F / ||dW||_F), summed over protected modules."""
+        """||dW U||_F / ||dW||_F (and ||V^T dW||_F / ||dW||_F), summed over protected modules.
+
+        Exact for LoRA; under full fine-tuning ||dW||_F comes from the sketch (see `_FullModule`).
+        """
         report = LeakageReport()
         for name, full in self._full.items():
-            if full.initial_weight_cpu is None:
+            if full.sketch is None:
                 continue
             tensor = full.weight
             weight = read_full_param(tensor.param)
-            update_sq = (weight - full.initial_weight_cpu.to(weight.device)).square().sum().item()
+            update_sq = full.update_sq(weight)
             input_sq = output_sq = 0.0
             if tensor.input_basis is not None:
                 input_sq = (weight @ tensor.input_basis - tensor.input_target).square().sum().item()
