@@ -10,7 +10,8 @@ orthonormal bases, rank 16 on every linear module), the SAE (an untrained TopK S
 the 32 features are synthetic: the cost does not depend on their quality.
 Memory: the peak resident set of the run's process (CPU) or peak allocated CUDA memory, and the
 bytes the constraints hold (bases, W0 U and V^T W0 targets, the leakage metric's sketch of W0,
-SAE, anchor references). `--profile METHOD` writes a torch profiler table of that method.
+SAE). `--profile` runs each method once under torch.profiler and writes its table to profiles/
+beside --out.
 """
 
 from __future__ import annotations
@@ -120,20 +121,16 @@ def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32)
 
 
 def constraint_bytes(weight, activation) -> int:
-    total = 0
+    held = []
     if weight is not None:
-        seen = set()
         for tensor in weight.tensors:
-            for t in (tensor.input_basis, tensor.output_basis, tensor.input_target, tensor.output_target):
-                if t is not None and id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
-        total += sum(
-            t.numel() * t.element_size() for m in weight._full.values() for t in (m.sketch, m.initial_sketched) if t is not None
-        )
+            held += [tensor.input_basis, tensor.output_basis, tensor.input_target, tensor.output_target]
+        for full in weight._full.values():
+            held += [full.sketch, full.initial_sketched]
     if activation is not None:
-        total += sum(p.numel() * p.element_size() for p in activation.sae.parameters())
-    return total
+        held += list(activation.sae.parameters())
+    unique = {id(t): t for t in held if t is not None}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def run_once(args, method: str, device: str) -> dict:
@@ -178,7 +175,9 @@ def run_once(args, method: str, device: str) -> dict:
             trainer.train()
         sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort, row_limit=25)
-        (args.out.parent / f"profile_{args.out.stem}_{method}.txt").write_text(table)
+        profiles = args.out.parent / "profiles"
+        profiles.mkdir(exist_ok=True)
+        (profiles / f"{args.out.stem}_{method}.txt").write_text(table)
     else:
         trainer.train()
     return {
@@ -220,7 +219,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--profile", action="store_true", help="One run per method under torch.profiler; tables beside --out.")
+    parser.add_argument("--profile", action="store_true", help="One run per method under torch.profiler; tables in profiles/ beside --out.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--run-one", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()

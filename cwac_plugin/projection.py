@@ -120,7 +120,7 @@ class ProtectedTensor:
         return projected.to(grad.dtype)
 
 
-SKETCH_COLUMNS = 64
+SKETCH_COLUMNS = 32
 
 
 @dataclass
@@ -128,8 +128,9 @@ class _FullModule:
     """Full fine-tuning: the weight itself is trained.
 
     The leakage metric needs ||W - W0||_F, and keeping W0 would double the weights' memory. A
-    Gaussian sketch G (d_in x 64) with W0 G kept instead gives E ||(W - W0) G||^2 / 64 = ||W - W0||^2
-    (relative error ~ sqrt(2/64) at worst, for a rank-1 update): O((d_in + d_out) 64) memory.
+    Gaussian sketch G (d_in x 32, shared by modules of the same width) with W0 G kept instead gives
+    E ||(W - W0) G||^2 / 32 = ||W - W0||^2: relative error sqrt(2/32) at worst (a rank-1 update),
+    far less for a real update and over many modules; memory O(d_out 32) per module.
     """
 
     weight: ProtectedTensor
@@ -188,6 +189,7 @@ class WeightConstraint:
         self.mode = mode
         self._hooks: list = []
         self._full: dict[str, _FullModule] = {}
+        self._sketches: dict[tuple[int, torch.device], Tensor] = {}
         self._lora: dict[str, _LoraModule] = {}
         self.frozen_modules: list[str] = []
 
@@ -262,8 +264,11 @@ class WeightConstraint:
         )
         full = _FullModule(protected)
         if log_leakage:
-            generator = torch.Generator().manual_seed(len(self._full))
-            full.sketch = torch.randn(weight.shape[1], SKETCH_COLUMNS, generator=generator).to(weight.device)
+            key = (weight.shape[1], weight.device)
+            if key not in self._sketches:
+                generator = torch.Generator().manual_seed(weight.shape[1])
+                self._sketches[key] = torch.randn(weight.shape[1], SKETCH_COLUMNS, generator=generator).to(weight.device)
+            full.sketch = self._sketches[key]
             full.initial_sketched = weight @ full.sketch
         self._full[name] = full
 

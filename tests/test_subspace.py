@@ -18,6 +18,7 @@ from cwac_plugin.subspace import (
     find_target_modules,
     gradient_moments,
     output_moments,
+    top_eigenvectors,
 )
 
 PAD = 0
@@ -145,6 +146,18 @@ def test_delta_method_recovers_planted_alignment_update(tmp_path):
     for name, (right, left) in planted.items():
         assert spans(subspace.input_bases[name], right)
         assert spans(subspace.output_bases[name], left)
+
+
+def test_lanczos_top_of_an_indefinite_spectrum_matches_full_eigh():
+    """The fixed-rank path (Lanczos) gives the same subspace as eigh, deterministically."""
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+    spectrum = torch.cat([torch.linspace(10, 3, 8, dtype=torch.float64), torch.randn(112, generator=g, dtype=torch.float64)])
+    moment = q @ torch.diag(spectrum) @ q.T  # indefinite, like the contrastive C_s - beta C_b
+    basis = top_eigenvectors(moment, rank=8, energy=None)
+    expected = torch.linalg.eigh(moment).eigenvectors[:, -8:]
+    assert torch.allclose(basis.double() @ basis.double().T, expected @ expected.T, atol=1e-6)
+    assert torch.equal(basis, top_eigenvectors(moment, rank=8, energy=None))
 
 
 def test_choose_rank():
