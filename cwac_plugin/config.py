@@ -135,6 +135,12 @@ class CWACConfig(BaseModel):
     act_normalize: bool = Field(
         default=True, description="Divide each feature's drift by its reference scale (mean activation)."
     )
+    act_skip_first: int = Field(
+        default=0,
+        ge=0,
+        description="Leading positions of each sequence left out of the penalty (the first token is an "
+        "attention sink whose residual norm dwarfs the others).",
+    )
     sae_width: int | None = Field(
         default=None, ge=1, description="Features of an SAE trained by `cwac train-sae` (default 8 x hidden)."
     )

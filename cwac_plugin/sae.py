@@ -461,6 +461,7 @@ class ActivationConstraint:
         self.features = features
         self.lam = cfg.act_lambda
         self.anchor = cfg.act_anchor
+        self.skip_first = cfg.act_skip_first
         self.tap = ResidualTap(model, features.hook_point)
         self.indices = torch.tensor(features.indices)
         self.scale = torch.tensor(features.reference_scale) if cfg.act_normalize else None
@@ -537,6 +538,9 @@ class ActivationConstraint:
             with torch.no_grad(), self._aligned(model):
                 z_ref = self._encode(run_and_capture(model, self.tap, inputs))
             mask = inputs.get("attention_mask", torch.ones(z.shape[:-1], device=z.device)).bool()
+        if self.skip_first:
+            mask = mask.clone()
+            mask[..., : self.skip_first] = False
         loss, drift = feature_drift_loss(z, z_ref, mask, self.scale)
         return self.lam * loss, drift
 

@@ -117,7 +117,7 @@ class ToyTokenizer:
         return {"input_ids": [2 + ord(c) % 60 for c in text]}
 
 
-def lora_model_with_activation_constraint(lam: float = 1.0, hook_layer: int = 0, anchors: int = 4):
+def lora_model_with_activation_constraint(lam: float = 1.0, hook_layer: int = 0, anchors: int = 4, **settings):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -125,7 +125,8 @@ def lora_model_with_activation_constraint(lam: float = 1.0, hook_layer: int = 0,
     hook_point = f"blocks.{hook_layer}.hook_resid_post"
     features = FeatureSet(hook_point, "synthetic", list(range(8)), [1.0] * 8, [0.5] * 8, "standardized", 24)
     cfg = CWACConfig(
-        weight_constraint=False, activation_constraint=True, features="f.json", act_lambda=lam, anchor_batch_size=anchors
+        weight_constraint=False, activation_constraint=True, features="f.json", act_lambda=lam, anchor_batch_size=anchors,
+        **settings,
     )
     batches = Batches(ToyTokenizer(), examples(anchors), 32, anchors)
     return model, ActivationConstraint(model, sae, features, cfg, batches)
@@ -164,6 +165,16 @@ def test_loss_is_zero_at_the_aligned_model_and_grows_with_drift():
         perturb_lora_b(model, std)
         losses.append(constraint.loss(model, {}, [])[0].item())
     assert 0 < losses[0] < losses[1] < losses[2]
+
+
+def test_leading_positions_can_be_left_out_of_the_penalty():
+    losses = {}
+    for skip in (0, 1, 1000):
+        model, constraint = lora_model_with_activation_constraint(act_skip_first=skip)
+        perturb_lora_b(model, 0.1)
+        losses[skip] = constraint.loss(model, {}, [])[0].item()
+    assert losses[1000] == 0.0  # every position skipped
+    assert 0 < losses[1] != losses[0] > 0
 
 
 def test_gradient_reaches_only_trainable_parameters_before_the_hook_point():
