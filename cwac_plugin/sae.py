@@ -123,7 +123,7 @@ class ResidualTap:
 
 
 def run_and_capture(model: nn.Module, tap: ResidualTap, inputs: dict[str, Tensor]) -> Tensor:
-    """The activations at the hook point, running the model only as far as it (where it may)."""
+    """The activations at the hook point; the forward stops there wherever it safely can."""
     with tap.capture(stop=True) as captured:
         model(**{key: value for key, value in inputs.items() if key != "labels"})
     if not captured:

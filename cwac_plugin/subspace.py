@@ -220,8 +220,9 @@ def top_eigenvectors(moment: Tensor, rank: int | None, energy: float | None) -> 
     """Orthonormal columns spanning the top of a symmetric matrix's spectrum (float64 solve).
 
     A fixed rank well below the width needs only the top of the spectrum: Lanczos (scipy's ARPACK,
-    seeded start) finds it in O(n^2 k) where a full eigh costs O(n^3), which dominated `cwac subspace`
-    on wide modules (benchmarks/README.md). `energy` needs the whole spectrum, hence eigh.
+    seeded start) finds it in O(n^2 k) per iteration where a full eigh costs O(n^3), the part of
+    `cwac subspace` that grows fastest with width (benchmarks/README.md). `energy` needs the whole
+    spectrum, hence eigh.
     """
     matrix = moment.double().cpu()
     n = matrix.shape[0]
