@@ -135,6 +135,12 @@ class CWACConfig(BaseModel):
     act_normalize: bool = Field(
         default=True, description="Divide each feature's drift by its reference scale (mean activation)."
     )
+    act_signal: Literal["activation", "preactivation"] = Field(
+        default="activation",
+        description="What drift is measured on: the SAE's feature activations, or the selected features' "
+        "encoder pre-activations (smooth where TopK/JumpReLU switch features on and off; d x m work, not "
+        "d x d_sae).",
+    )
     act_skip_first: int = Field(
         default=0,
         ge=0,

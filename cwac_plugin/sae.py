@@ -462,6 +462,7 @@ class ActivationConstraint:
         self.lam = cfg.act_lambda
         self.anchor = cfg.act_anchor
         self.skip_first = cfg.act_skip_first
+        self.signal = cfg.act_signal
         self.tap = ResidualTap(model, features.hook_point)
         self.indices = torch.tensor(features.indices)
         self.scale = torch.tensor(features.reference_scale) if cfg.act_normalize else None
@@ -492,6 +493,9 @@ class ActivationConstraint:
             self.indices = self.indices.to(hidden.device)
             self.scale = None if self.scale is None else self.scale.to(hidden.device)
             self.sae.to(hidden.device)
+        if self.signal == "preactivation":
+            sae_in = self.sae.process_sae_in(hidden)
+            return sae_in @ self.sae.W_enc[:, self.indices] + self.sae.b_enc[self.indices]
         return self.sae.encode(hidden.to(self.sae.W_enc.dtype))[..., self.indices]
 
     @torch.no_grad()

@@ -167,6 +167,18 @@ def test_loss_is_zero_at_the_aligned_model_and_grows_with_drift():
     assert 0 < losses[0] < losses[1] < losses[2]
 
 
+def test_preactivation_signal_is_the_saes_own_pre_activation_of_the_selected_features():
+    model, constraint = lora_model_with_activation_constraint(act_signal="preactivation")
+    assert constraint.loss(model, {}, [])[0].item() == 0.0
+    perturb_lora_b(model, 0.1)
+    assert constraint.loss(model, {}, [])[0].item() > 0
+    hidden = torch.randn(2, 5, 32)
+    seen = []
+    constraint.sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    constraint.sae.encode(hidden)
+    assert torch.allclose(constraint._encode(hidden), seen[0][..., constraint.indices], atol=1e-6)
+
+
 def test_leading_positions_can_be_left_out_of_the_penalty():
     losses = {}
     for skip in (0, 1, 1000):
