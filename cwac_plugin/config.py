@@ -48,10 +48,11 @@ class CWACConfig(BaseModel):
         description="Path of the subspace safetensors file: written by `cwac subspace`, read by training.",
     )
     subspace_method: Literal["activation", "gradient", "delta"] = Field(
-        default="activation",
-        description="activation: top eigenvectors of the inputs' second moment on safety_data; "
-        "gradient: top singular vectors of refusal-loss gradients; delta: top singular vectors of "
-        "W_aligned - W_base (needs delta_base_model).",
+        default="gradient",
+        description="gradient: top singular vectors of refusal-loss gradients (the directions that "
+        "unlearn refusals fastest; the default, chosen on the benchmark's validation split); "
+        "activation: top eigenvectors of the inputs' second moment on safety_data; delta: top singular "
+        "vectors of W_aligned - W_base (needs delta_base_model).",
     )
     contrast_beta: float = Field(
         default=1.0, ge=0.0, description="Weight of the benign covariance in the contrastive variant."
@@ -72,7 +73,7 @@ class CWACConfig(BaseModel):
         description="Choose the smallest k whose eigenvalues hold this fraction of the spectrum.",
     )
     output_rank: int = Field(
-        default=0,
+        default=16,
         ge=0,
         description="Output-basis size k' per module (V^T dW = 0). 0 = no output-side constraint.",
     )

@@ -14,8 +14,8 @@ from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 
 def test_defaults():
     cfg = CWACConfig(subspace="s.safetensors")
-    assert cfg.subspace_method == "activation" and cfg.projection == "update"
-    assert cfg.rank == 16 and cfg.energy is None and cfg.output_rank == 0
+    assert cfg.subspace_method == "gradient" and cfg.projection == "update"
+    assert cfg.rank == 16 and cfg.energy is None and cfg.output_rank == 16
     assert cfg.target_modules == DEFAULT_TARGET_MODULES and cfg.weight_constraint
 
 
