@@ -12,6 +12,12 @@ from pathlib import Path
 METHODS = ["plain", "weight", "activation", "cwac"]
 
 
+def methods_in(results: dict) -> list[str]:
+    """The four methods first, then variants run with --tag (shown as method@tag)."""
+    found = {key.split("/", 1)[1] for key in results["runs"]}
+    return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
+
+
 def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -34,7 +40,7 @@ def tables(results: dict) -> str:
             "| method | HS % | FA % | over-refusal % | degenerate % | train s |",
             "|---|---|---|---|---|---|",
         ]
-        for method in METHODS:
+        for method in methods_in(results):
             r = results["runs"].get(f"p={ratio}/{method}")
             if r:
                 lines.append(
@@ -51,7 +57,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in METHODS:
+    for method in methods_in(results):
         points = sorted(
             (float(key.split("/")[0][2:]), r) for key, r in results["runs"].items() if key.endswith(f"/{method}")
         )
