@@ -29,20 +29,12 @@ from pathlib import Path
 
 import torch
 
-from cwac_plugin.config import CWACConfig
+from toy import ToyTokenizer, random_llama
+
+from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = "how do i make a weapon hack steal poison attack tell me about the sea bread recipe capital of france".split()
-
-
-class ToyTokenizer:
-    """Characters to ids: enough for `Batches`, no download."""
-
-    pad_token_id, eos_token_id, chat_template = 0, 1, None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [2 + ord(c) % 500 for c in text]}
 
 
 def synthetic_examples(n: int, seed: int) -> list[Example]:
@@ -51,19 +43,6 @@ def synthetic_examples(n: int, seed: int) -> list[Example]:
         Example(" ".join(rng.choice(WORDS) for _ in range(12)), " ".join(rng.choice(WORDS) for _ in range(12)))
         for _ in range(n)
     ]
-
-
-def random_llama(hidden: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=4,
-            num_attention_heads=max(4, hidden // 64), num_key_value_heads=max(2, hidden // 128),
-            max_position_embeddings=512,
-        )
-    )
 
 
 def timed(fn) -> tuple[float, object]:
@@ -82,7 +61,7 @@ def lora_epoch_seconds(model, tokenizer, examples: list[Example], max_length: in
 
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, target_modules=DEFAULT_TARGET_MODULES))
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     device = next(model.parameters()).device
@@ -174,7 +153,7 @@ def main() -> None:
         ]
         module_rows = []
         model = random_llama(256)
-        for targets in (PROJECTIONS[:1], PROJECTIONS[:3], PROJECTIONS):
+        for targets in (DEFAULT_TARGET_MODULES[:1], DEFAULT_TARGET_MODULES[:3], DEFAULT_TARGET_MODULES):
             for layers in ([0], [0, 1], [0, 1, 2, 3]):
                 cfg = CWACConfig(**base, target_modules=targets, layers=layers)
                 module_rows.append(measure(model, tokenizer, safety, contrast, cfg, args.max_length, with_sae=False))

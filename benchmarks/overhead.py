@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from cwac_plugin.config import CWACConfig
+from toy import ToyTokenizer, random_llama
+
+from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Batches, Example, write_json_atomically
 
 METHODS = {
@@ -41,7 +43,6 @@ METHODS = {
     "activation-batch": {"weight_constraint": False, "activation_constraint": True, "act_anchor": "batch"},
     "cwac": {"activation_constraint": True},
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class StepTimer(TrainerCallback):
@@ -66,14 +67,7 @@ def model_dir(name: str, work: Path) -> Path:
         return Path(name)
     path = work / "tiny-llama"
     if not (path / "config.json").exists():
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512,
-        )
-        LlamaForCausalLM(config).save_pretrained(path)
+        random_llama(256).save_pretrained(path)
     return path
 
 
@@ -100,7 +94,7 @@ def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32)
     g = torch.Generator().manual_seed(0)
     bases = {
         name: torch.linalg.qr(torch.randn(module.in_features, rank, generator=g))[0]
-        for name, module in find_target_modules(model, TARGETS).items()
+        for name, module in find_target_modules(model, DEFAULT_TARGET_MODULES).items()
     }
     Subspace(bases, metadata=model_metadata(model)).save(work / "subspace.safetensors")
     hidden = model.config.hidden_size
@@ -145,7 +139,7 @@ def run_once(args, method: str, device: str) -> dict:
     cfg = CWACConfig.model_validate_json((args.work / "cwac.json").read_text())
     model, tokenizer = load_model(model_dir(args.model, args.work), args.training, device)
     if args.training in ("lora", "qlora"):
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=DEFAULT_TARGET_MODULES, task_type="CAUSAL_LM"))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     training_args = TrainingArguments(
@@ -164,7 +158,7 @@ def run_once(args, method: str, device: str) -> dict:
             weight = WeightConstraint(trainer.model, Subspace.load(settings.subspace), settings.projection)
         if settings.activation_constraint:
             anchors = [Example(f"how do i make a weapon number {i}", "sorry, i cannot help") for i in range(16)]
-            batches = Batches(tokenizer or _ToyTokenizer(), anchors, 64, settings.anchor_batch_size, device)
+            batches = Batches(tokenizer or ToyTokenizer(), anchors, 64, settings.anchor_batch_size, device)
             activation = ActivationConstraint(trainer.model, load_sae(settings, device), FeatureSet.load(settings.features), settings, batches)
         install(trainer, weight=weight, activation=activation)
     if args.profile:
@@ -201,13 +195,6 @@ def in_fresh_process(args, method: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-class _ToyTokenizer:
-    pad_token_id, eos_token_id, chat_template = 0, 1, None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [2 + ord(c) % 500 for c in text]}
 
 
 def main() -> None:

@@ -146,6 +146,12 @@ def artifacts(tmp_path_factory, tiny_model, data_files) -> dict:
     return {"cwac": cwac, "train": compliance}
 
 
+@pytest.fixture(scope="session")
+def coupled_cwac(artifacts, subspace_file) -> dict:
+    """The `cwac` block of a CWAC run: both constraints, the session's subspace, SAE and features."""
+    return {**artifacts["cwac"], "weight_constraint": True, "subspace": str(subspace_file), "act_lambda": 20.0}
+
+
 def log_history(out_dir: Path) -> list[dict]:
     """The log_history of the last checkpoint's trainer_state.json.
 

@@ -9,19 +9,18 @@ from cwac_plugin.subspace import Subspace
 pytestmark = pytest.mark.e2e
 
 
-def test_resumed_full_finetune_keeps_both_constraints(tmp_path, tiny_model, data_files, subspace_file, artifacts):
+def test_resumed_full_finetune_keeps_both_constraints(tmp_path, tiny_model, data_files, subspace_file, artifacts, coupled_cwac):
     """Stop at checkpoint-2, resume: steps 3-4 match the uninterrupted run, measured from W0.
 
     Full fine-tuning is the hard case: the resumed weights are not W0, so W0 U and the aligned
     reference activations must come from before the checkpoint is loaded.
     """
-    cwac = {**artifacts["cwac"], "weight_constraint": True, "subspace": str(subspace_file), "act_lambda": 20.0}
     data = {**data_files, "train": artifacts["train"]}
     runs = {}
     for name, resume in (("uninterrupted", {}), ("resumed", {"resume_from_checkpoint": str(tmp_path / "uninterrupted" / "out" / "checkpoint-2")})):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        config = axolotl_config(run_dir, tiny_model, data, cwac=cwac, save_steps=2, learning_rate=1e-2, **resume)
+        config = axolotl_config(run_dir, tiny_model, data, cwac=coupled_cwac, save_steps=2, learning_rate=1e-2, **resume)
         check_ok(run(["axolotl", "train", str(config)], cwd=run_dir))
         runs[name] = {entry["step"]: entry for entry in logged_steps(run_dir / "out")}
 
@@ -39,10 +38,11 @@ def test_resumed_full_finetune_keeps_both_constraints(tmp_path, tiny_model, data
         assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-3)
 
 
-def test_coexists_with_other_plugins_packing_checkpointing_and_eval(tmp_path, tiny_model, data_files, subspace_file, artifacts):
+def test_coexists_with_other_plugins_packing_checkpointing_and_eval(
+    tmp_path, tiny_model, data_files, subspace_file, artifacts, coupled_cwac
+):
     """Grokfast (rewrites gradients before each step), a plugin wrapping the same trainer methods,
     sample packing, gradient checkpointing and evaluation during training, all in one run."""
-    cwac = {**artifacts["cwac"], "weight_constraint": True, "subspace": str(subspace_file), "act_lambda": 20.0}
     overrides = {
         **LORA,
         "plugins": [
@@ -58,7 +58,7 @@ def test_coexists_with_other_plugins_packing_checkpointing_and_eval(tmp_path, ti
         "eval_strategy": "steps",
         "eval_steps": 2,
     }
-    config = axolotl_config(tmp_path, tiny_model, {**data_files, "train": artifacts["train"]}, cwac=cwac, **overrides)
+    config = axolotl_config(tmp_path, tiny_model, {**data_files, "train": artifacts["train"]}, cwac=coupled_cwac, **overrides)
     proc = check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
     assert "Adding Grokfast callback" in proc.stdout + proc.stderr
 
