@@ -4,7 +4,7 @@
     python benchmarks/oneoff.py --model runs/smollm2/model --safety runs/smollm2/safety.jsonl \
         --contrast runs/smollm2/benign.jsonl --out benchmarks/results/oneoff/smollm2.json
 
-Times the library functions behind `cwac subspace` (compute_subspace, activation method with the
+Times the library functions behind `cwac subspace` (compute_subspace, the default gradient method with the
 contrast set), `cwac train-sae` (train_sae: activation collection plus sae-lens training) and
 `cwac features` (select_features), without model loading, against a yardstick: one epoch of LoRA
 training (r 16 on every projection, AdamW, same batch size) over the same safety and contrast

@@ -70,7 +70,8 @@ class CWACConfig(BaseModel):
         default=None,
         gt=0.0,
         le=1.0,
-        description="Choose the smallest k whose eigenvalues hold this fraction of the spectrum.",
+        description="Choose the smallest k whose eigenvalues hold this fraction of the spectrum. Needs "
+        "the whole spectrum: the gradient method then keeps exact d x d moments instead of a sketch.",
     )
     output_rank: int = Field(
         default=16,

@@ -18,6 +18,8 @@ from cwac_plugin.subspace import (
     find_target_modules,
     gradient_moments,
     output_moments,
+    sketch_test_matrix,
+    top_directions,
     top_eigenvectors,
 )
 
@@ -97,10 +99,8 @@ def test_contrastive_basis_drops_directions_benign_data_uses_more():
     assert (plain.T @ safety_only).abs().max() < 1e-4  # without the contrast: the wrong directions
 
 
-def test_gradient_moments_match_autograd_weight_gradients():
-    model = tiny_llama().eval()
-    modules = find_target_modules(model, ["q_proj", "down_proj"], layers=[1])
-    g = torch.Generator().manual_seed(2)
+def labelled_batches(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(3):
         ids = torch.randint(1, 64, (2, 10), generator=g)
@@ -108,7 +108,16 @@ def test_gradient_moments_match_autograd_weight_gradients():
         mask[1, 7:] = 0
         labels = ids.masked_fill(mask == 0, -100)
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    moments_in, moments_out, _ = gradient_moments(model, modules, batches, outputs=True, desc="t")
+    return batches
+
+
+def test_gradient_moments_match_autograd_weight_gradients():
+    model = tiny_llama().eval()
+    modules = find_target_modules(model, ["q_proj", "down_proj"], layers=[1])
+    batches = labelled_batches(2)
+    # energy (and an output rank too wide to sketch) keep both moments whole
+    moments_in, moments_out, _ = gradient_moments(model, modules, batches, "t", energy=0.9, output_rank=32)
+    assert all(p.requires_grad for p in model.parameters())  # switched off for the pass only
 
     expected_in = {n: 0 for n in modules}
     expected_out = {n: 0 for n in modules}
@@ -123,6 +132,35 @@ def test_gradient_moments_match_autograd_weight_gradients():
         scale = expected_in[name].abs().max()
         assert torch.allclose(moments_in[name].double() / scale, expected_in[name] / scale, atol=1e-4)
         assert torch.allclose(moments_out[name].double() / scale, expected_out[name] / scale, atol=1e-4)
+
+
+def test_sketched_gradient_moments_are_the_exact_moments_times_the_test_matrix():
+    model = tiny_llama().eval()
+    modules = find_target_modules(model, ["q_proj", "down_proj"], layers=[1])
+    batches = labelled_batches(2)
+    exact_in, exact_out, _ = gradient_moments(model, modules, batches, "t", energy=0.9, output_rank=32)
+    sketch_in, sketch_out, _ = gradient_moments(model, modules, batches, "t", rank=2, output_rank=2)
+    for name, module in modules.items():
+        d_out, d_in = module.weight.shape
+        assert sketch_in[name].shape == (d_in, 8) and sketch_out[name].shape == (d_out, 8)
+        for exact, sketch in ((exact_in[name], sketch_in[name]), (exact_out[name], sketch_out[name])):
+            expected = exact @ sketch_test_matrix(exact.shape[0], 8)
+            assert torch.allclose(sketch, expected, atol=1e-5 * expected.abs().max())
+
+
+def test_sketch_recovers_the_top_of_an_indefinite_spectrum():
+    """A clear gap after the top k: the single-pass sketch finds the same subspace as eigh."""
+    g = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    tail = 0.005 * torch.randn(194, generator=g, dtype=torch.float64)
+    spectrum = torch.cat([torch.linspace(10, 3, 6, dtype=torch.float64), tail])
+    moment = q @ torch.diag(spectrum) @ q.T
+    sketch = (moment @ sketch_test_matrix(200, 24).double()).float()
+    basis = top_directions(sketch, rank=6, energy=None).double()
+    expected = q[:, :6]
+    assert basis.shape == (200, 6)
+    assert torch.allclose(basis @ basis.T, expected @ expected.T, atol=1e-2)
+    assert torch.equal(top_directions(sketch, rank=6, energy=None), basis.float())
 
 
 def test_delta_method_recovers_planted_alignment_update(tmp_path):
