@@ -230,6 +230,7 @@ def main() -> None:
             report = run_eval(peft_model.merge_and_unload(), tokenizer, data, args.n_eval)
             results["runs"][key] = summary(report) | {
                 "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(mix),
+                "attack_steps": args.attack_steps, "attack_lr": args.attack_lr,
             }
             name = f"{'' if args.split == 'eval' else args.split + '_'}{key.replace('/', '_')}.json"
             write_json_atomically(out / "reports" / name, report)
@@ -237,7 +238,7 @@ def main() -> None:
             write_json_atomically(results_path, results)
             print(key, results["runs"][key], flush=True)
     results["config"] = {
-        "attack_steps": args.attack_steps, "attack_lr": args.attack_lr, "batch_size": 8, "lora_r": 16,
+        "batch_size": 8, "lora_r": 16,  # attack steps and learning rate: per run
         "seed": args.seed, "cwac": cwac.model_dump(mode="json"),
     }
     write_json_atomically(results_path, results)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the real small model, CPU only: prepare model and data, compute the safety
-# subspace, fine-tune with CWAC. Run from the repository root inside the activated venv.
+# subspace, train the SAE and pick its safety features, fine-tune with CWAC. Run from the
+# repository root inside the activated venv.
 set -euo pipefail
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 config=examples/smollm2_cpu/config.yml
 python examples/smollm2_cpu/prepare.py --out runs/smollm2
 cwac subspace "$config"
+cwac train-sae "$config"
+cwac features "$config"
 axolotl train "$config"
-echo "Done: adapter in runs/smollm2/cwac-lora; cwac/leakage was logged at every step above."
+echo "Done: adapter in runs/smollm2/cwac-lora; cwac/leakage and cwac/feature_drift were logged at every step above."
