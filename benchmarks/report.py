@@ -56,26 +56,31 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    # colour = method, line style = variant (`--tag`), so that a variant's four methods read as one set
+    colours = {"plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red"}
+    variants = sorted({method.partition("@")[2] for method in methods_in(results)})
+    styles = dict(zip(variants, ["-", "--", ":", "-."] * len(variants)))
     for method in methods_in(results):
         points = sorted(
             (float(key.split("/")[0][2:]), r) for key, r in results["runs"].items() if key.endswith(f"/{method}")
         )
         if not points:
             continue
+        base, _, variant = method.partition("@")
+        style = {"marker": "o", "label": method, "color": colours.get(base), "ls": styles[variant]}
         xs = [p for p, _ in points]
-        axes[0].plot(xs, [100 * r["harmful_score"] for _, r in points], marker="o", label=method)
-        axes[1].plot(xs, [100 * r["fine_tune_accuracy"] for _, r in points], marker="o", label=method)
+        axes[0].plot(xs, [100 * r["harmful_score"] for _, r in points], **style)
+        axes[1].plot(xs, [100 * r["fine_tune_accuracy"] for _, r in points], **style)
     if "aligned" in results:
-        axes[0].axhline(100 * results["aligned"]["harmful_score"], color="grey", ls="--", label="aligned")
-        axes[1].axhline(100 * results["aligned"]["fine_tune_accuracy"], color="grey", ls="--", label="aligned")
+        axes[0].axhline(100 * results["aligned"]["harmful_score"], color="grey", ls="--", lw=0.8, label="aligned")
     for ax, title in zip(axes, ("harmful score (lower is better)", "fine-tune accuracy")):
         ax.set_xlabel("harmful ratio p")
         ax.set_ylabel("%")
         ax.set_title(title)
-        ax.legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right")
     fig.suptitle("SmolLM2-135M-Instruct, LoRA attack, CPU")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.82, 0.95))
     fig.savefig(path, dpi=120)
 
 
