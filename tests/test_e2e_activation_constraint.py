@@ -65,12 +65,14 @@ def test_penalty_keeps_features_closer_to_the_aligned_model(tmp_path, tiny_model
     # below) but gave other SAEs, so other features, in other sessions (unpenalised drift 0.43-0.73
     # seen; probably other CPUs, not verified). Penalised/unpenalised ratios seen at
     # lambda 100: 0.22-0.45, and once 0.91; the test asserts what the penalty must do: less drift.
+    # At learning rate 1e-2 the penalised ZeRO-3 run oscillated (act_loss 700 -> 5 200 -> 1 000 -> ...)
+    # and once ended above the unpenalised drift (0.65 vs 0.51); 3e-3 keeps the optimisation stable.
     for lam in (0.0, 100.0):
         run_dir = tmp_path / f"lambda{lam:g}"
         run_dir.mkdir()
         config = axolotl_config(
             run_dir, tiny_model, data, cwac={**artifacts["cwac"], "act_lambda": lam},
-            max_steps=8, learning_rate=1e-2, **overrides,
+            max_steps=8, learning_rate=3e-3, **overrides,
         )
         check_ok(run(["axolotl", "train", str(config), *launcher], cwd=run_dir))
         out = run_dir / "out"
