@@ -294,6 +294,11 @@ def check_rank_fits(modules: dict[str, nn.Module], rank: int | None, output_rank
 # ---------------------------------------------------------------------------------------------
 
 
+def _real_tokens(hidden: Tensor, mask: Tensor) -> Tensor:
+    """The float32 rows of a (batch, seq, d) tensor at the non-padding positions of the flat `mask`."""
+    return hidden.detach().reshape(-1, hidden.shape[-1])[mask].float()
+
+
 class _MomentAccumulator:
     """Sums x^T x of each module's input over non-padding tokens, from forward hooks.
 
@@ -312,7 +317,7 @@ class _MomentAccumulator:
         def hook(_module, args, _output):
             x = args[0]
             if self._last is None or self._last[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1])[self.mask].float()
+                flat = _real_tokens(x, self.mask)
                 self._last = (x, flat.T @ flat)
             if name in self.sums:
                 self.sums[name] += self._last[1]
@@ -410,16 +415,16 @@ def gradient_moments(
     # (module input, its float32 copy over real tokens), held for the backward; q/k/v and
     # gate/up read the same input tensor and share one copy
     last_input: list[Tensor | None] = [None, None]
-    tests: dict[tuple[int, int], Tensor] = {}
+    test_matrices: dict[tuple[int, int], Tensor] = {}
     mask: Tensor | None = None
     tokens = n_batches = 0
 
     def test_matrix(d: int, columns: int | None, device: torch.device) -> Tensor | None:
         if columns is None:
             return None
-        if (d, columns) not in tests:
-            tests[d, columns] = sketch_test_matrix(d, columns).to(device)
-        return tests[d, columns]
+        if (d, columns) not in test_matrices:
+            test_matrices[d, columns] = sketch_test_matrix(d, columns).to(device)
+        return test_matrices[d, columns]
 
     def accumulate(store: dict[str, Tensor], name: str, value: Tensor) -> None:
         if name in store:
@@ -434,11 +439,11 @@ def gradient_moments(
 
         def hook(_module, args, output):
             if last_input[0] is not args[0]:
-                last_input[:] = args[0], args[0].detach().reshape(-1, args[0].shape[-1])[mask].float()
+                last_input[:] = args[0], _real_tokens(args[0], mask)
             x = last_input[1]
 
             def on_grad(grad):
-                g = grad.reshape(-1, grad.shape[-1])[mask].float()
+                g = _real_tokens(grad, mask)
                 accumulate(grads_in, name, _gram(x, g, test_matrix(d_in, columns_in, x.device)))
                 if output_rank:
                     accumulate(grads_out, name, _gram(g, x, test_matrix(d_out, columns_out, x.device)))
