@@ -127,7 +127,9 @@ def main() -> None:
         help="score HS on the eval part, or on a disjoint validation part (for choosing defaults)",
     )
     parser.add_argument("--cwac", type=json.loads, default={}, help="overrides of the CWAC settings, as JSON")
-    parser.add_argument("--tag", default="", help="names a variant: its own artifacts and run keys")
+    parser.add_argument(
+        "--tag", default="", help="names a variant: its run keys, and its own artifacts when --cwac changes them"
+    )
     args = parser.parse_args()
     out: Path = args.out
     work = out / "work"  # models and artifacts: large, not committed
@@ -184,13 +186,15 @@ def main() -> None:
         write_json_atomically(results_path, results)
 
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
-    artifacts = work / f"artifacts{'_' + args.tag if args.tag else ''}"
+    # a variant of the attack alone (no --cwac overrides) reuses the default artifacts
+    artifact_tag = args.tag if args.cwac else ""
+    artifacts = work / f"artifacts{'_' + artifact_tag if artifact_tag else ''}"
     cwac = CWACConfig(**{
         "subspace": str(artifacts / "subspace.safetensors"), "sae": str(artifacts / "sae"),
         "features": str(artifacts / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
         "sae_width": 2304, "sae_training_tokens": 100_000, **args.cwac,
     })
-    artifact_seconds = results.setdefault(f"artifact_seconds{'@' + args.tag if args.tag else ''}", {})
+    artifact_seconds = results.setdefault(f"artifact_seconds{'@' + artifact_tag if artifact_tag else ''}", {})
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
     if not Path(cwac.subspace).exists():
         from cwac_plugin.subspace import SubspaceData, compute_subspace
@@ -205,7 +209,7 @@ def main() -> None:
         start = time.perf_counter()
         report = train_sae(model, tokenizer, cwac, safety + benign_align, 192, cwac.sae, seed=args.seed)
         artifact_seconds["train_sae"] = round(time.perf_counter() - start, 1)
-        results[f"sae{'@' + args.tag if args.tag else ''}"] = report
+        results[f"sae{'@' + artifact_tag if artifact_tag else ''}"] = report
         start = time.perf_counter()
         feature_set, _, _ = select_features(model, tokenizer, load_sae(cwac), cwac, safety, benign_align, 192)
         feature_set.save(cwac.features)

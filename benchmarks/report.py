@@ -51,37 +51,40 @@ def tables(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """One row per variant (`--tag`: a setting of the attack or of CWAC), HS and FA against p per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    # colour = method, line style = variant (`--tag`), so that a variant's four methods read as one set
     colours = {"plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red"}
     variants = sorted({method.partition("@")[2] for method in methods_in(results)})
-    styles = dict(zip(variants, ["-", "--", ":", "-."] * len(variants)))
-    for method in methods_in(results):
-        points = sorted(
-            (float(key.split("/")[0][2:]), r) for key, r in results["runs"].items() if key.endswith(f"/{method}")
-        )
-        if not points:
-            continue
-        base, _, variant = method.partition("@")
-        style = {"marker": "o", "label": method, "color": colours.get(base), "ls": styles[variant]}
-        xs = [p for p, _ in points]
-        axes[0].plot(xs, [100 * r["harmful_score"] for _, r in points], **style)
-        axes[1].plot(xs, [100 * r["fine_tune_accuracy"] for _, r in points], **style)
-    if "aligned" in results:
-        axes[0].axhline(100 * results["aligned"]["harmful_score"], color="grey", ls="--", lw=0.8, label="aligned")
-    for ax, title in zip(axes, ("harmful score (lower is better)", "fine-tune accuracy")):
-        ax.set_xlabel("harmful ratio p")
-        ax.set_ylabel("%")
-        ax.set_title(title)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right")
+    fig, axes = plt.subplots(len(variants), 2, figsize=(11, 3.2 * len(variants)), squeeze=False, sharey="col")
+    for row, variant in zip(axes, variants):
+        attack_lrs = set()
+        for base in METHODS:
+            method = f"{base}@{variant}" if variant else base
+            points = sorted(
+                (float(key.split("/")[0][2:]), r) for key, r in results["runs"].items() if key.endswith(f"/{method}")
+            )
+            if not points:
+                continue
+            attack_lrs |= {r["attack_lr"] for _, r in points}
+            style = {"marker": "o", "label": base, "color": colours.get(base)}
+            xs = [p for p, _ in points]
+            row[0].plot(xs, [100 * r["harmful_score"] for _, r in points], **style)
+            row[1].plot(xs, [100 * r["fine_tune_accuracy"] for _, r in points], **style)
+        if "aligned" in results:
+            row[0].axhline(100 * results["aligned"]["harmful_score"], color="grey", ls="--", lw=0.8, label="aligned")
+        setting = f"{variant or 'first defaults'}, attack lr {', '.join(f'{lr:g}' for lr in sorted(attack_lrs))}"
+        for ax, title in zip(row, ("harmful score (lower is better)", "fine-tune accuracy")):
+            ax.set_xlabel("harmful ratio p")
+            ax.set_ylabel("%")
+            ax.set_title(f"{title}: {setting}", fontsize=9)
+        row[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct, LoRA attack, CPU")
-    fig.tight_layout(rect=(0, 0, 0.82, 0.95))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
