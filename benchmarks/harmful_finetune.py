@@ -34,6 +34,7 @@ import prepare  # noqa: E402  (the example's wheel download and GGUF conversion)
 from cwac_plugin.config import CWACConfig  # noqa: E402
 from cwac_plugin.data import Batches, Example, write_json_atomically  # noqa: E402
 from cwac_plugin.eval import evaluate, generate  # noqa: E402
+from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace  # noqa: E402
 
 METHODS = {
     "plain": None,
@@ -151,7 +152,8 @@ def main() -> None:
         "eval": parts[args.split],
         "benign_eval": [{"prompt": item["question"]} for item in primality[150:200]],
         "task_train": comparison_task(400, random.Random(args.seed + 1)),
-        "task_test": comparison_task(100, random.Random(args.seed + 2)),
+        # validation has task prompts of its own too: FA, like HS, must not choose defaults on eval's
+        "task_test": comparison_task(100, random.Random(args.seed + (2 if args.split == "eval" else 3))),
     }
     tokenizer = AutoTokenizer.from_pretrained(work / "unaligned")
     safety = [Example(r["prompt"], rng.choice(prepare.REFUSALS)) for r in parts["align"]]
@@ -196,9 +198,9 @@ def main() -> None:
     })
     artifact_seconds = results.setdefault(f"artifact_seconds{'@' + artifact_tag if artifact_tag else ''}", {})
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
-    if not Path(cwac.subspace).exists():
-        from cwac_plugin.subspace import SubspaceData, compute_subspace
-
+    if Path(cwac.subspace).exists():  # skipped on a rerun, so it must be from these settings
+        check_settings_match(Subspace.load(cwac.subspace), cwac)
+    else:
         start = time.perf_counter()
         subspace = compute_subspace(model, tokenizer, cwac, 192, SubspaceData(safety, benign_align))
         subspace.save(cwac.subspace)
@@ -234,7 +236,7 @@ def main() -> None:
             report = run_eval(peft_model.merge_and_unload(), tokenizer, data, args.n_eval)
             results["runs"][key] = summary(report) | {
                 "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(mix),
-                "attack_steps": args.attack_steps, "attack_lr": args.attack_lr,
+                "attack_steps": args.attack_steps, "attack_lr": args.attack_lr, "task_prompts": args.split,
             }
             name = f"{'' if args.split == 'eval' else args.split + '_'}{key.replace('/', '_')}.json"
             write_json_atomically(out / "reports" / name, report)
@@ -252,7 +254,6 @@ def make_constraints(settings: CWACConfig, safety: list[Example], tokenizer):
     """Build the constraints as the Axolotl plugin does, once the trainer exists."""
     from cwac_plugin.projection import WeightConstraint
     from cwac_plugin.sae import ActivationConstraint, FeatureSet, load_sae
-    from cwac_plugin.subspace import Subspace
 
     def build(trainer):
         weight = activation = None

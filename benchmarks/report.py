@@ -76,7 +76,7 @@ def plot(results: dict, path: Path) -> None:
             row[1].plot(xs, [100 * r["fine_tune_accuracy"] for _, r in points], **style)
         if "aligned" in results:
             row[0].axhline(100 * results["aligned"]["harmful_score"], color="grey", ls="--", lw=0.8, label="aligned")
-        setting = f"{variant or 'first defaults'}, attack lr {', '.join(f'{lr:g}' for lr in sorted(attack_lrs))}"
+        setting = f"{variant or 'no --tag'}, attack lr {', '.join(f'{lr:g}' for lr in sorted(attack_lrs))}"
         for ax, title in zip(row, ("harmful score (lower is better)", "fine-tune accuracy")):
             ax.set_xlabel("harmful ratio p")
             ax.set_ylabel("%")

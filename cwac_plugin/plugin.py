@@ -10,7 +10,7 @@ from cwac_plugin.data import Batches, Example
 from cwac_plugin.hf import install
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint, FeatureSet, SAEConfigError, load_anchor_examples, load_sae
-from cwac_plugin.subspace import Subspace, check_model_matches
+from cwac_plugin.subspace import Subspace, check_model_matches, check_settings_match
 
 # Under the `axolotl` logger tree: Axolotl shows only WARNING and above from other loggers.
 LOG = get_logger("axolotl.integrations.cwac")
@@ -47,6 +47,7 @@ class CWACPlugin(BasePlugin):
         settings = settings_from(cfg)
         if settings.weight_constraint:
             self.subspace = Subspace.load(settings.subspace)
+            check_settings_match(self.subspace, settings)
         if settings.activation_constraint:
             self.features = FeatureSet.load(settings.features)
             if settings.hook_point and settings.hook_point != self.features.hook_point:

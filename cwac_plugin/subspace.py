@@ -543,6 +543,25 @@ def check_model_matches(subspace: Subspace, model: nn.Module) -> None:
             )
 
 
+def check_settings_match(subspace: Subspace, cfg: CWACConfig) -> None:
+    """A file computed under other `cwac` settings is stale (the block was edited after `cwac subspace`
+    ran): training with it would silently protect other directions than the block describes."""
+    wanted = {
+        "subspace_method": ("method", cfg.subspace_method),
+        "rank": ("rank", cfg.rank),
+        "energy": ("energy", cfg.energy),
+        "output_rank": ("output_rank", cfg.output_rank),
+        "target_modules": ("target_modules", ",".join(cfg.target_modules)),
+    }
+    for key, (stored_key, value) in wanted.items():
+        stored = subspace.metadata.get(stored_key)
+        if stored is not None and stored != str(value):
+            raise SubspaceError(
+                f"cwac.subspace: {subspace.path} was computed with {key}={stored} but cwac.{key} is {value}. "
+                f"Rerun `cwac subspace CONFIG.yml`, or set cwac.{key} to {stored} to train with this file"
+            )
+
+
 def describe(subspace: Subspace) -> str:
     ranks = sorted({b.shape[1] for b in subspace.input_bases.values()})
     return json.dumps(

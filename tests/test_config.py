@@ -72,6 +72,16 @@ def test_plugin_without_block_is_an_error():
         CWACPlugin().pre_model_load({"cwac": None})
 
 
+def test_plugin_rejects_a_subspace_computed_under_other_settings(subspace_file):
+    from cwac_plugin.plugin import CWACPlugin
+    from cwac_plugin.subspace import SubspaceError
+
+    block = {"subspace": str(subspace_file), "rank": 8, "output_rank": 4}
+    CWACPlugin().pre_model_load({"cwac": block})
+    with pytest.raises(SubspaceError, match="computed with rank=8 but cwac.rank is 16"):
+        CWACPlugin().pre_model_load({"cwac": {**block, "rank": 16}})
+
+
 def test_training_with_missing_subspace_fails_before_model_load(tmp_path, tiny_model, data_files):
     config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"subspace": str(tmp_path / "nope.safetensors")})
     proc = run(["axolotl", "train", str(config)], cwd=tmp_path)

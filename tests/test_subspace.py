@@ -278,6 +278,23 @@ def test_subspace_for_another_architecture_is_rejected():
         check_model_matches(other, model)
 
 
+def test_subspace_from_other_settings_is_rejected_as_stale(tmp_path, tiny_pretrained, data_files):
+    from cwac_plugin.subspace import check_settings_match
+
+    model, tokenizer = tiny_pretrained
+    cfg = CWACConfig(
+        safety_data=str(data_files["safety"]), contrast_data=str(data_files["benign"]), rank=2, output_rank=2,
+        subspace=str(tmp_path / "s.safetensors"),
+    )
+    subspace = Subspace.load(compute_subspace(model, tokenizer, cfg, max_length=32).save(cfg.subspace))
+    check_settings_match(subspace, cfg)
+    with pytest.raises(SubspaceError, match=r"computed with output_rank=2 but cwac.output_rank is 0\. Rerun"):
+        check_settings_match(subspace, cfg.model_copy(update={"output_rank": 0}))
+    with pytest.raises(SubspaceError, match="computed with subspace_method=gradient but cwac.subspace_method is activation"):
+        check_settings_match(subspace, cfg.model_copy(update={"subspace_method": "activation"}))
+    check_settings_match(Subspace(subspace.input_bases), cfg.model_copy(update={"rank": 3}))  # no record: no check
+
+
 def test_interrupted_save_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
     import safetensors.torch
 
