@@ -290,7 +290,8 @@ def test_subspace_from_other_settings_is_rejected_as_stale(tmp_path, tiny_pretra
     check_settings_match(subspace, cfg)
     with pytest.raises(SubspaceError, match=r"computed with output_rank=2 but cwac.output_rank is 0\. Rerun"):
         check_settings_match(subspace, cfg.model_copy(update={"output_rank": 0}))
-    with pytest.raises(SubspaceError, match="computed with subspace_method=gradient but cwac.subspace_method is activation"):
+    stale_method = "computed with subspace_method=gradient but cwac.subspace_method is activation"
+    with pytest.raises(SubspaceError, match=stale_method):
         check_settings_match(subspace, cfg.model_copy(update={"subspace_method": "activation"}))
     check_settings_match(Subspace(subspace.input_bases), cfg.model_copy(update={"rank": 3}))  # no record: no check
 
