@@ -543,19 +543,24 @@ def check_model_matches(subspace: Subspace, model: nn.Module) -> None:
             )
 
 
-def check_settings_match(subspace: Subspace, cfg: CWACConfig) -> None:
-    """A file computed under other `cwac` settings is stale (the block was edited after `cwac subspace`
-    ran): training with it would silently protect other directions than the block describes."""
-    wanted = {
-        "subspace_method": ("method", cfg.subspace_method),
+def recorded_settings(cfg: CWACConfig) -> dict[str, tuple[str, object]]:
+    """metadata key -> (cwac key, value): the settings a subspace file records, so that training can
+    tell a file computed from this block from a stale one."""
+    return {
+        "method": ("subspace_method", cfg.subspace_method),
         "rank": ("rank", cfg.rank),
         "energy": ("energy", cfg.energy),
         "output_rank": ("output_rank", cfg.output_rank),
         "target_modules": ("target_modules", ",".join(cfg.target_modules)),
     }
-    for key, (stored_key, value) in wanted.items():
+
+
+def check_settings_match(subspace: Subspace, cfg: CWACConfig) -> None:
+    """A file computed under other `cwac` settings is stale (the block was edited after `cwac subspace`
+    ran): training with it would silently protect other directions than the block describes."""
+    for stored_key, (key, value) in recorded_settings(cfg).items():
         stored = subspace.metadata.get(stored_key)
-        if stored is not None and stored != str(value):
+        if stored is not None and str(stored) != str(value):
             raise SubspaceError(
                 f"cwac.subspace: {subspace.path} was computed with {key}={stored} but cwac.{key} is {value}. "
                 f"Rerun `cwac subspace CONFIG.yml`, or set cwac.{key} to {stored} to train with this file"
@@ -605,13 +610,7 @@ def compute_subspace(
             f"the model; its linear modules are named like {linear_names}"
         )
     check_rank_fits(modules, cfg.rank, cfg.output_rank)
-    metadata = model_metadata(model) | {
-        "method": cfg.subspace_method,
-        "rank": cfg.rank,
-        "energy": cfg.energy,
-        "output_rank": cfg.output_rank,
-        "target_modules": ",".join(cfg.target_modules),
-    }
+    metadata = model_metadata(model) | {k: value for k, (_, value) in recorded_settings(cfg).items()}
     model.eval()
     if cfg.subspace_method == "delta":
         from transformers import AutoModelForCausalLM
