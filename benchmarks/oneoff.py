@@ -2,7 +2,7 @@
 
     python benchmarks/oneoff.py --out benchmarks/results/oneoff/sweep.json
     python benchmarks/oneoff.py --model runs/smollm2/model --safety runs/smollm2/safety.jsonl \
-        --contrast runs/smollm2/benign.jsonl --out benchmarks/results/oneoff/smollm2.json
+        --contrast runs/smollm2/benign.jsonl --repeats 3 --out benchmarks/results/oneoff/smollm2.json
 
 Times the library functions behind `cwac subspace` (compute_subspace, the default gradient method with the
 contrast set), `cwac train-sae` (train_sae: activation collection plus sae-lens training) and
@@ -122,6 +122,10 @@ def main() -> None:
     parser.add_argument("--safety", type=Path, help="safety jsonl (with --model)")
     parser.add_argument("--contrast", type=Path, help="contrast jsonl (with --model)")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="with --model: time the subspace and its yardstick epoch this many times (the SAE once)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -142,7 +146,12 @@ def main() -> None:
         )
         safety = load_examples(args.safety, "--safety")
         contrast = load_examples(args.contrast, "--contrast")
-        result["model"] = measure(model, tokenizer, safety, contrast, cfg, args.max_length, with_sae=True)
+        runs = [
+            measure(model, tokenizer, safety, contrast, cfg, args.max_length, with_sae=run == 0)
+            for run in range(args.repeats)
+        ]
+        result["model"] = runs[0]
+        result["subspace_over_epoch_runs"] = [run["subspace_over_epoch"] for run in runs]
     else:
         tokenizer = ToyTokenizer()
         safety, contrast = synthetic_examples(64, 0), synthetic_examples(64, 1)

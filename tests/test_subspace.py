@@ -18,6 +18,7 @@ from cwac_plugin.subspace import (
     find_target_modules,
     gradient_moments,
     output_moments,
+    response_loss,
     sketch_test_matrix,
     top_directions,
     top_eigenvectors,
@@ -107,6 +108,8 @@ def labelled_batches(seed: int) -> list[dict]:
         mask = torch.ones_like(ids)
         mask[1, 7:] = 0
         labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :3] = -100  # prompts of different lengths: the loss reads some positions only
+        labels[0, :5] = -100
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches
 
@@ -132,6 +135,26 @@ def test_gradient_moments_match_autograd_weight_gradients():
         scale = expected_in[name].abs().max()
         assert torch.allclose(moments_in[name].double() / scale, expected_in[name] / scale, atol=1e-4)
         assert torch.allclose(moments_out[name].double() / scale, expected_out[name] / scale, atol=1e-4)
+
+
+class WithoutLogitsToKeep(nn.Module):
+    """A causal LM whose forward predates `logits_to_keep`: it returns every position's logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, attention_mask):
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+
+def test_response_loss_is_the_models_own_loss_with_or_without_logits_to_keep():
+    model = tiny_llama().eval()
+    for batch in labelled_batches(3):
+        expected = model(**batch).loss
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        for candidate in (model, WithoutLogitsToKeep(model)):
+            assert torch.allclose(response_loss(candidate, embeds, batch), expected, atol=1e-6)
 
 
 def test_sketched_gradient_moments_are_the_exact_moments_times_the_test_matrix():
