@@ -4,7 +4,8 @@ File format (read by others, so kept plain): one safetensors file, one entry per
 module keyed by its name in the base model (`model.layers.3.self_attn.q_proj`):
 `<name>.input_basis` (d_in x k, orthonormal columns) and optionally `<name>.output_basis`
 (d_out x k'), float32. String metadata: format, model, model_type, hidden_size,
-num_hidden_layers, method, rank, energy, output_rank and the data it was computed on.
+num_hidden_layers, method, rank, energy, output_rank, target_modules, layers and the data it was
+computed on.
 """
 
 from __future__ import annotations
@@ -575,6 +576,7 @@ def recorded_settings(cfg: CWACConfig) -> dict[str, tuple[str, object]]:
         "energy": ("energy", cfg.energy),
         "output_rank": ("output_rank", cfg.output_rank),
         "target_modules": ("target_modules", ",".join(cfg.target_modules)),
+        "layers": ("layers", cfg.layers),
     }
 
 

@@ -316,6 +316,8 @@ def test_subspace_from_other_settings_is_rejected_as_stale(tmp_path, tiny_pretra
     stale_method = "computed with subspace_method=gradient but cwac.subspace_method is activation"
     with pytest.raises(SubspaceError, match=stale_method):
         check_settings_match(subspace, cfg.model_copy(update={"subspace_method": "activation"}))
+    with pytest.raises(SubspaceError, match=r"computed with layers=None but cwac.layers is \[0\]"):
+        check_settings_match(subspace, cfg.model_copy(update={"layers": [0]}))
     check_settings_match(Subspace(subspace.input_bases), cfg.model_copy(update={"rank": 3}))  # no record: no check
 
 
