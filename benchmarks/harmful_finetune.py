@@ -45,6 +45,11 @@ METHODS = {
 HOOK_POINT = "blocks.15.hook_resid_post"  # middle of SmolLM2-135M's 30 layers
 
 
+def tagged(name: str, tag: str, separator: str = "@") -> str:
+    """`name` with a variant's tag appended; untagged (default) runs keep the plain name."""
+    return f"{name}{separator}{tag}" if tag else name
+
+
 def comparison_task(n: int, rng: random.Random) -> list[Example]:
     """A user task with a checkable answer that a 135M model can learn: the larger of two numbers."""
     examples = []
@@ -190,13 +195,13 @@ def main() -> None:
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
     # a variant of the attack alone (no --cwac overrides) reuses the default artifacts
     artifact_tag = args.tag if args.cwac else ""
-    artifacts = work / f"artifacts{'_' + artifact_tag if artifact_tag else ''}"
+    artifacts = work / tagged("artifacts", artifact_tag, "_")
     cwac = CWACConfig(**{
         "subspace": str(artifacts / "subspace.safetensors"), "sae": str(artifacts / "sae"),
         "features": str(artifacts / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
         "sae_width": 2304, "sae_training_tokens": 100_000, **args.cwac,
     })
-    artifact_seconds = results.setdefault(f"artifact_seconds{'@' + artifact_tag if artifact_tag else ''}", {})
+    artifact_seconds = results.setdefault(tagged("artifact_seconds", artifact_tag), {})
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
     if Path(cwac.subspace).exists():  # skipped on a rerun, so it must be from these settings
         check_settings_match(Subspace.load(cwac.subspace), cwac)
@@ -211,7 +216,7 @@ def main() -> None:
         start = time.perf_counter()
         report = train_sae(model, tokenizer, cwac, safety + benign_align, 192, cwac.sae, seed=args.seed)
         artifact_seconds["train_sae"] = round(time.perf_counter() - start, 1)
-        results[f"sae{'@' + artifact_tag if artifact_tag else ''}"] = report
+        results[tagged("sae", artifact_tag)] = report
         start = time.perf_counter()
         feature_set, _, _ = select_features(model, tokenizer, load_sae(cwac), cwac, safety, benign_align, 192)
         feature_set.save(cwac.features)
@@ -224,7 +229,7 @@ def main() -> None:
         mix = data["task_train"] + random.Random(args.seed).sample(attack, min(n_harmful, len(attack)))
         random.Random(args.seed).shuffle(mix)
         for method in args.methods:
-            key = f"p={ratio}/{method}{'@' + args.tag if args.tag else ''}"
+            key = f"p={ratio}/{tagged(method, args.tag)}"
             if key in results["runs"]:
                 continue
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
