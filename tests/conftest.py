@@ -1,5 +1,7 @@
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +68,9 @@ def axolotl_config(tmp: Path, model: Path, data: dict, cwac: dict | None, **over
         "save_steps": 4,
         "save_safetensors": True,
         "seed": 42,
+        # A collective one torchrun worker waits on in vain fails after this, showing where it
+        # waits, instead of hanging until the test's timeout.
+        "ddp_timeout": 180,
     }
     if cwac is not None:
         cfg["plugins"] = ["cwac_plugin.CWACPlugin"]
@@ -88,18 +93,38 @@ def axolotl_config(tmp: Path, model: Path, data: dict, cwac: dict | None, **over
 
 
 def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a CLI the way a user does; on failure show the end of its output."""
+    """Run a CLI the way a user does; on failure show the end of its output.
+
+    A run still going after `timeout` is a hang (a deadlock between torchrun's workers, say): it
+    gets SIGABRT, on which every Python process of the job prints its stacks (PYTHONFAULTHANDLER),
+    and the test fails showing them. The job runs in its own session so that no worker outlives it.
+    """
     env = {
         **os.environ,
         "AXOLOTL_DO_NOT_TRACK": "1",
         "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONFAULTHANDLER": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "WANDB_DISABLED": "true",
     }
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    with subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)
+            stdout, stderr = proc.communicate(timeout=60)
+            output = stdout + stderr
+            stacks = output[max(output.find("Fatal Python error"), 0) :]
+            pytest.fail(f"{' '.join(args)} still running after {timeout} s; its stacks:\n{stacks[-20000:]}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # workers a finished job left behind
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
