@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -68,6 +69,11 @@ def axolotl_config(tmp: Path, model: Path, data: dict, cwac: dict | None, **over
         "save_steps": 4,
         "save_safetensors": True,
         "seed": 42,
+        # Axolotl's default, 2, forks DataLoader workers from a process with live threads (tqdm's
+        # monitor, gloo): on CPython 3.11 before the fix for gh-112275 a child can deadlock in
+        # PyOS_AfterFork_Child on a lock another thread held, and its rank then waits for a batch
+        # forever (seen in CI and here, under load, with the stacks to show it).
+        "dataloader_num_workers": 0,
         # A collective one torchrun worker waits on in vain fails after this, showing where it
         # waits, instead of hanging until the test's timeout.
         "ddp_timeout": 180,
@@ -96,8 +102,9 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     """Run a CLI the way a user does; on failure show the end of its output.
 
     A run still going after `timeout` is a hang (a deadlock between torchrun's workers, say): it
-    gets SIGABRT, on which every Python process of the job prints its stacks (PYTHONFAULTHANDLER),
-    and the test fails showing them. The job runs in its own session so that no worker outlives it.
+    and every process it started (torchrun gives its workers sessions of their own) get SIGABRT,
+    on which each Python process prints its stacks (PYTHONFAULTHANDLER), and the test fails
+    showing them, with no process of the job left behind.
     """
     env = {
         **os.environ,
@@ -110,20 +117,21 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     }
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    with subprocess.Popen(
-        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as proc:
+    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGABRT)
-            stdout, stderr = proc.communicate(timeout=60)
+            job = psutil.Process(proc.pid)
+            processes = [job, *job.children(recursive=True)]
+            for process in processes:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGABRT)
+            for process in psutil.wait_procs(processes, timeout=30)[1]:
+                process.kill()
+            stdout, stderr = proc.communicate()
             output = stdout + stderr
             stacks = output[max(output.find("Fatal Python error"), 0) :]
             pytest.fail(f"{' '.join(args)} still running after {timeout} s; its stacks:\n{stacks[-20000:]}")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # workers a finished job left behind
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
