@@ -127,7 +127,8 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.send_signal(signal.SIGABRT)
             for process in psutil.wait_procs(processes, timeout=30)[1]:
-                process.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
             stdout, stderr = proc.communicate()
             output = stdout + stderr
             stacks = output[max(output.find("Fatal Python error"), 0) :]
