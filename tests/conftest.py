@@ -69,11 +69,12 @@ def axolotl_config(tmp: Path, model: Path, data: dict, cwac: dict | None, **over
         "save_steps": 4,
         "save_safetensors": True,
         "seed": 42,
-        # Axolotl's default, 2, forks DataLoader workers from a process with live threads (tqdm's
-        # monitor, gloo): on CPython 3.11 before the fix for gh-112275 a child can deadlock in
-        # PyOS_AfterFork_Child on a lock another thread held, and its rank then waits for a batch
-        # forever (seen in CI and here, under load, with the stacks to show it).
+        # Axolotl's defaults fork DataLoader workers and dataset-preprocessing workers from a process
+        # with live threads (tqdm's monitor, pools' handlers): on CPython 3.11 before the fix for
+        # gh-112275 a child can deadlock in PyOS_AfterFork_Child on a lock another thread held. A
+        # loader worker did, and its rank waited for a batch forever (in CI, and here under load).
         "dataloader_num_workers": 0,
+        "dataset_num_proc": 1,
         # A collective one torchrun worker waits on in vain fails after this, showing where it
         # waits, instead of hanging until the test's timeout.
         "ddp_timeout": 180,
