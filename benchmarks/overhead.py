@@ -140,12 +140,15 @@ def run_once(args, method: str, device: str) -> dict:
     model, tokenizer = load_model(model_dir(args.model, args.work), args.training, device)
     if args.training in ("lora", "qlora"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=DEFAULT_TARGET_MODULES, task_type="CAUSAL_LM"))
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     training_args = TrainingArguments(
         output_dir=str(args.work / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=1, use_cpu=device == "cpu",
-        remove_unused_columns=False, seed=0,
+        remove_unused_columns=False, seed=0, gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": True},  # Axolotl's default
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=training_data(args, model.config.vocab_size))
     timer = StepTimer()
@@ -206,6 +209,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="as Axolotl's `gradient_checkpointing: true`")
     parser.add_argument("--profile", action="store_true", help="One run per method under torch.profiler; tables in profiles/ beside --out.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--run-one", choices=list(METHODS), help=argparse.SUPPRESS)
@@ -245,7 +249,7 @@ def main() -> None:
         table[method] = row
     write_json_atomically(args.out, {
         "model": args.model, "training": args.training, "steps": args.steps, "repeats": args.repeats,
-        "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "peak_memory": "peak allocated CUDA bytes" if device == "cuda" else "peak resident set of the run's process",

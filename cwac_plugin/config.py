@@ -132,7 +132,7 @@ class CWACConfig(BaseModel):
         "model, one small batch per step. batch: the training batch, referenced against the "
         "adapter-disabled model (LoRA/QLoRA only).",
     )
-    anchor_batch_size: int = Field(default=4, ge=1, description="Safety anchors forwarded per step.")
+    anchor_batch_size: int = Field(default=2, ge=1, description="Safety anchors forwarded per micro-batch.")
     anchor_examples: int = Field(default=64, ge=1, description="Safety examples used as anchors.")
     act_normalize: bool = Field(
         default=True, description="Divide each feature's drift by its reference scale (mean activation)."

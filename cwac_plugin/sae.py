@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
-from cwac_plugin.subspace import base_model_of
+from cwac_plugin.subspace import accepts_logits_to_keep, base_model_of
 
 FEATURES_FORMAT = "cwac-features/1"
 _HOOK_POINT = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -123,9 +123,15 @@ class ResidualTap:
 
 
 def run_and_capture(model: nn.Module, tap: ResidualTap, inputs: dict[str, Tensor]) -> Tensor:
-    """The activations at the hook point; the forward stops there wherever it safely can."""
+    """The activations at the hook point; the forward stops there wherever it safely can.
+
+    Where it cannot (ZeRO-3, gradient checkpointing with gradients), it runs to the end, and its
+    logits are never read: the LM head then runs on one position (on SmolLM2 the head is a fifth
+    of the multiply-adds of a forward).
+    """
+    only_last_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     with tap.capture(stop=True) as captured:
-        model(**{key: value for key, value in inputs.items() if key != "labels"})
+        model(**{key: value for key, value in inputs.items() if key != "labels"}, **only_last_logits)
     if not captured:
         raise SAEConfigError(f"cwac.hook_point {tap.hook_point}: the hook did not fire during a forward pass")
     return captured[0]

@@ -48,6 +48,11 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return model
 
 
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """transformers' causal LMs take `logits_to_keep`: their LM head then runs on those positions only."""
+    return "logits_to_keep" in inspect.signature(base_model_of(model).forward).parameters
+
+
 def is_lora_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
@@ -408,7 +413,7 @@ def response_loss(model: nn.Module, inputs_embeds: Tensor, batch: dict[str, Tens
     """
     targets = batch["labels"][:, 1:]
     positions = (targets != -100).any(dim=0).nonzero().flatten()
-    selective = "logits_to_keep" in inspect.signature(base_model_of(model).forward).parameters
+    selective = accepts_logits_to_keep(model)
     logits = model(
         inputs_embeds=inputs_embeds,
         attention_mask=batch["attention_mask"],

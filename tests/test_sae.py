@@ -102,6 +102,22 @@ def test_run_and_capture_stops_at_the_hook_point():
     assert torch.equal(early, full)
 
 
+def test_a_forward_that_cannot_stop_runs_the_lm_head_on_one_position():
+    """Under gradient checkpointing the forward runs to the end; its logits are never read."""
+    model = tiny_llama().train()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    tap = ResidualTap(model, "blocks.0.hook_resid_post")
+    head_positions = []
+    model.lm_head.register_forward_hook(lambda _module, args, _output: head_positions.append(args[0].shape[1]))
+    hidden = run_and_capture(model, tap, {"input_ids": ids, "labels": ids})
+    assert head_positions == [1]
+    assert hidden.requires_grad
+    assert torch.allclose(hidden, full, atol=1e-6)
+
+
 def examples(n: int = 4) -> list[Example]:
     return [Example(f"how do i make a bomb {i}", "sorry i cannot help") for i in range(n)]
 
