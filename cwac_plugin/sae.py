@@ -80,6 +80,7 @@ class ResidualTap:
         layer, side = parse_hook_point(hook_point, len(layers))
         self.hook_point = hook_point
         self.layer = layers[layer]
+        self._layers_up_to_hook = list(layers[: layer + 1])
         self.captured: list[Tensor] = []
         self._active = False
         self._stop = False
@@ -106,16 +107,24 @@ class ResidualTap:
     @contextmanager
     def capture(self, stop: bool = False) -> Iterator[list[Tensor]]:
         """Collect activations; with `stop`, end the forward there (see `run_and_capture`)."""
-        # A reentrant-checkpointed layer's output gets its grad_fn only once the layer returns.
-        checkpointed = getattr(self.layer, "gradient_checkpointing", False) and self.layer.training
         self.captured = []
         self._active = True
-        self._stop = stop and self.can_stop_early and not (checkpointed and torch.is_grad_enabled())
+        self._stop = stop and self.can_stop_early
+        # A reentrant-checkpointed layer's output gets its grad_fn only once the layer returns, too
+        # late for a forward that ends inside it. A stopped forward is a few anchor sequences, so its
+        # layers keep their activations instead: no recompute in the backward, little memory.
+        unchecked = [
+            layer for layer in self._layers_up_to_hook if getattr(layer, "gradient_checkpointing", False)
+        ] if self._stop and torch.is_grad_enabled() else []
+        for layer in unchecked:
+            layer.gradient_checkpointing = False
         try:
             yield self.captured
         except _ReachedHookPoint:
             pass
         finally:
+            for layer in unchecked:
+                layer.gradient_checkpointing = True
             self._active = self._stop = False
 
     def remove(self) -> None:
@@ -125,9 +134,8 @@ class ResidualTap:
 def run_and_capture(model: nn.Module, tap: ResidualTap, inputs: dict[str, Tensor]) -> Tensor:
     """The activations at the hook point; the forward stops there wherever it safely can.
 
-    Where it cannot (ZeRO-3, gradient checkpointing with gradients), it runs to the end, and its
-    logits are never read: the LM head then runs on one position (on SmolLM2 the head is a fifth
-    of the multiply-adds of a forward).
+    Where it cannot (ZeRO-3), it runs to the end, and its logits are never read: the LM head then
+    runs on one position (on SmolLM2 the head is a fifth of the multiply-adds of a forward).
     """
     only_last_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     with tap.capture(stop=True) as captured:

@@ -103,19 +103,41 @@ def test_run_and_capture_stops_at_the_hook_point():
 
 
 def test_a_forward_that_cannot_stop_runs_the_lm_head_on_one_position():
-    """Under gradient checkpointing the forward runs to the end; its logits are never read."""
+    """Under ZeRO-3 the forward runs to the end; its logits are never read."""
     model = tiny_llama().train()
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
         full = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     tap = ResidualTap(model, "blocks.0.hook_resid_post")
+    tap.can_stop_early = False  # what ZeRO-3 partitioned parameters set
     head_positions = []
     model.lm_head.register_forward_hook(lambda _module, args, _output: head_positions.append(args[0].shape[1]))
     hidden = run_and_capture(model, tap, {"input_ids": ids, "labels": ids})
     assert head_positions == [1]
     assert hidden.requires_grad
     assert torch.allclose(hidden, full, atol=1e-6)
+
+
+def test_under_gradient_checkpointing_a_forward_with_gradients_still_stops_at_the_hook_point():
+    """The layers up to the hook keep their activations for that forward: no recompute, same gradients."""
+    model = tiny_llama().train()
+    ids = torch.randint(0, 64, (2, 6))
+    tap = ResidualTap(model, "blocks.0.hook_resid_post")
+    run_and_capture(model, tap, {"input_ids": ids}).square().sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    runs = []
+    for name in ("layers.0", "layers.1", "lm_head"):
+        model.get_submodule(name if name == "lm_head" else f"model.{name}").register_forward_hook(
+            lambda *_, name=name: runs.append(name)
+        )
+    run_and_capture(model, tap, {"input_ids": ids}).square().sum().backward()
+    assert runs == []  # stopped in the tap's hook (before these), not run again in the backward
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)  # for the training forward
+    assert expected.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.allclose(p.grad, expected[name], atol=1e-6) for name, p in model.named_parameters() if name in expected)
 
 
 def examples(n: int = 4) -> list[Example]:
@@ -279,17 +301,22 @@ def test_gradient_checkpointing_recompute_is_not_counted_twice():
     """The recompute during backward runs the hooked layer again; it must not be captured.
 
     Reentrant checkpointing (Axolotl's default) reruns the whole layer forward, hooks included;
-    torch's non-reentrant variant stops the recompute early, before forward hooks would fire.
+    torch's non-reentrant variant stops the recompute early, before forward hooks would fire. It
+    happens to the training forward, which anchor "batch" reads.
     """
-    model, constraint = lora_model_with_activation_constraint()
+    model, constraint = lora_model_with_activation_constraint(act_anchor="batch")
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
-    constraint.loss(model, {}, [])
     perturb_lora_b(model, 0.1)
     calls = []
     constraint.tap.layer.register_forward_hook(lambda *_: calls.append(constraint.tap._active))
-    loss, _ = constraint.loss(model, {}, [])
-    loss.backward()
-    assert calls == [True, False]  # the forward was captured, the recompute ran but was not
-    assert len(constraint.tap.captured) == 1
+    inputs = {"input_ids": torch.randint(0, 64, (2, 6))}
+    with constraint.watching_training_forward() as training_hidden:
+        task_loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss, _ = constraint.loss(model, inputs, training_hidden)
+    (task_loss + loss).backward()
+    # The training forward was captured, the recompute ran but was not (the reference forward ends
+    # in the tap's own hook, before this one).
+    assert calls == [True, False]
+    assert len(training_hidden) == 1
