@@ -196,6 +196,30 @@ def test_lora_factors_are_projected(mode):
     assert constraint.leakage().input_leakage < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_factors_are_projected_with_one_batched_product_per_shape(dtype):
+    """Hundreds of small factors cost launches, not arithmetic: a step's projection is one stacked
+    product per factor shape, and it is the projection of each factor on its own (in float32)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.profiler import profile
+
+    base = tiny_llama()
+    subspace = random_subspace(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])).to(dtype)
+    constraint = WeightConstraint(model, subspace)
+    with torch.no_grad():
+        for tensor in constraint.tensors:
+            tensor.param.normal_(std=0.05)
+    expected = [tensor.project(tensor.param.detach().float()).to(dtype) for tensor in constraint.tensors]
+    with profile() as profiler:
+        constraint.enforce()
+    products = sum(e.count for e in profiler.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::baddbmm_"))
+    shapes = {(t.param.shape, t.input_basis is None) for t in constraint.tensors}
+    assert len(constraint.tensors) == 12 and len(shapes) == 4  # A: 32 (q, v) and 48 wide; B: 32 (q, down) and 16 tall
+    assert products == 2 * len(shapes)
+    assert all(torch.allclose(t.param, e, atol=1e-6) for t, e in zip(constraint.tensors, expected))
+
+
 def test_unknown_module_and_wrong_shape_are_clear_errors():
     model = tiny_llama()
     basis = orthonormal(32, 2, torch.Generator().manual_seed(0))
