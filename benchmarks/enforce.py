@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from overhead import load_model, model_dir, synthetic_artifacts
+from overhead import device_name, load_model, model_dir, synthetic_artifacts
 from torch.profiler import profile
 
 from cwac_plugin.config import DEFAULT_TARGET_MODULES
@@ -78,7 +77,7 @@ def main() -> None:
     results = {"stacked": timed(constraint.enforce, args.calls, device), "one_by_one": timed(one_by_one, args.calls, device)}
     write_json_atomically(args.out, {
         "model": args.model, "subspace": str(args.subspace or "synthetic"), "factors": len(constraint.tensors), "shapes": len(constraint._factor_stacks),
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device": device_name(device),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "calls": args.calls, **results,
     })
     print(f"{len(constraint.tensors)} factors in {len(constraint._factor_stacks)} shapes: {results}")

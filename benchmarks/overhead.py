@@ -61,6 +61,11 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def device_name(device: str) -> str:
+    """What the results ran on, for the JSON beside them."""
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+
+
 def model_dir(name: str, work: Path) -> Path:
     """An HF directory: `tiny` is a random 4-layer Llama saved once, so 4-bit loading works for it too."""
     if name != "tiny":
@@ -250,7 +255,7 @@ def main() -> None:
     write_json_atomically(args.out, {
         "model": args.model, "training": args.training, "steps": args.steps, "repeats": args.repeats,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device": device_name(device),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "peak_memory": "peak allocated CUDA bytes" if device == "cuda" else "peak resident set of the run's process",
         "methods": table,

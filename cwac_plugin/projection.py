@@ -163,6 +163,8 @@ class _FactorStack:
                 member.enforce()
             return
         x = torch.stack(params).float()
+        # project_input_side/project_output_side, fused in place: unfused, the stacked tensors are
+        # memory-bound and were no faster than the per-factor loop on a CPU (benchmarks/README.md).
         if self.input_basis is not None:
             x.baddbmm_(x @ self.input_basis, self.input_basis.mT, alpha=-1)  # x - (x U) U^T
         if self.output_basis is not None:
