@@ -53,7 +53,7 @@ def timed(call, calls: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (random 4-layer Llama) or an HF model directory")
+    parser.add_argument("--model", default="tiny", help="'tiny', 'llama8b-N' (random models, see overhead.model_dir) or an HF model directory")
     parser.add_argument("--subspace", type=Path, help="a `cwac subspace` file for --model")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--out", type=Path, required=True)

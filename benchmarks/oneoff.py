@@ -14,6 +14,8 @@ Without --model: random 4-layer Llamas (vocab 512, a character-level toy tokeniz
 prompt/response pairs per set) swept over hidden width (128, 256, 512, 1024; all 7 projections
 per layer) and over the number of protected modules (width 256; 1, 3 or 7 projections per layer
 in 1, 2 or 4 layers); the exponent is the least-squares slope of log time against log size.
+With --llama8b-layers N: the subspace against its epoch on N random layers of Llama-3-8B's shape
+(32 + 32 synthetic pairs; no SAE: its cost at that width is sae-lens's, not ours).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from toy import ToyTokenizer, random_llama
+from toy import ToyTokenizer, llama8b_shaped, random_llama
 
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
@@ -108,6 +110,15 @@ def measure(model, tokenizer, safety, contrast, cfg: CWACConfig, max_length: int
     return row
 
 
+def repeated(repeats: int, model, tokenizer, safety, contrast, cfg: CWACConfig, max_length: int, with_sae: bool) -> dict:
+    """The subspace and its yardstick epoch timed `repeats` times (the SAE, if at all, once)."""
+    runs = [
+        measure(model, tokenizer, safety, contrast, cfg, max_length, with_sae=with_sae and run == 0)
+        for run in range(repeats)
+    ]
+    return {"model": runs[0], "subspace_over_epoch_runs": [run["subspace_over_epoch"] for run in runs]}
+
+
 def slope(rows: list[dict], x: str, y: str) -> float:
     """Least-squares exponent b in y ~ x^b."""
     xs = [math.log(r[x]) for r in rows]
@@ -121,10 +132,11 @@ def main() -> None:
     parser.add_argument("--model", help="HF model directory; without it, the random-Llama sweeps")
     parser.add_argument("--safety", type=Path, help="safety jsonl (with --model)")
     parser.add_argument("--contrast", type=Path, help="contrast jsonl (with --model)")
+    parser.add_argument("--llama8b-layers", type=int, help="without --model: N layers of Llama-3-8B's shape instead of the sweeps")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument(
         "--repeats", type=int, default=1,
-        help="with --model: time the subspace and its yardstick epoch this many times (the SAE once)",
+        help="with --model or --llama8b-layers: time the subspace and its yardstick epoch this many times (the SAE once)",
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -146,12 +158,13 @@ def main() -> None:
         )
         safety = load_examples(args.safety, "--safety")
         contrast = load_examples(args.contrast, "--contrast")
-        runs = [
-            measure(model, tokenizer, safety, contrast, cfg, args.max_length, with_sae=run == 0)
-            for run in range(args.repeats)
-        ]
-        result["model"] = runs[0]
-        result["subspace_over_epoch_runs"] = [run["subspace_over_epoch"] for run in runs]
+        result |= repeated(args.repeats, model, tokenizer, safety, contrast, cfg, args.max_length, with_sae=True)
+    elif args.llama8b_layers:
+        model = llama8b_shaped(args.llama8b_layers)
+        safety, contrast = synthetic_examples(32, 0), synthetic_examples(32, 1)
+        cfg = CWACConfig(subspace="unused")
+        result |= repeated(args.repeats, model, ToyTokenizer(), safety, contrast, cfg, args.max_length, with_sae=False)
+        result["model"] |= {"layers": args.llama8b_layers, "vocab_size": model.config.vocab_size}
     else:
         tokenizer = ToyTokenizer()
         safety, contrast = synthetic_examples(64, 0), synthetic_examples(64, 1)

@@ -8,10 +8,10 @@ each run in a fresh process, so that machine noise hits all methods alike and ea
 memory is its own; the first step of each run is dropped (warm-up). The subspace (random
 orthonormal bases, rank 16 on every linear module), the SAE (an untrained TopK SAE, 8x wide) and
 the 32 features are synthetic: the cost does not depend on their quality.
-Memory: the peak resident set of the run's process (CPU) or peak allocated CUDA memory, and the
-bytes the constraints hold (bases, W0 U and V^T W0 targets, the leakage metric's sketch of W0,
-SAE). `--profile` runs each method once under torch.profiler and writes its table to profiles/
-beside --out.
+Memory: the peak resident set of the run's process (CPU) or peak allocated CUDA memory, both from
+after the model is loaded, and the bytes the constraints hold (bases, W0 U and V^T W0 targets, the
+leakage metric's sketch of W0, SAE). `--profile` runs each method once under torch.profiler and
+writes its table to profiles/ beside --out.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from toy import ToyTokenizer, random_llama
+from toy import ToyTokenizer, llama8b_shaped, random_llama
 
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Batches, Example, write_json_atomically
@@ -67,25 +67,27 @@ def device_name(device: str) -> str:
 
 
 def model_dir(name: str, work: Path) -> Path:
-    """An HF directory: `tiny` is a random 4-layer Llama saved once, so 4-bit loading works for it too."""
-    if name != "tiny":
+    """An HF directory. The random models, `tiny` (a 4-layer Llama, 256 wide) and `llama8b-N` (N
+    layers of Llama-3-8B's shape), are saved once, so that 4-bit loading works for them too."""
+    shaped = re.fullmatch(r"llama8b-(\d+)", name)
+    if name != "tiny" and not shaped:
         return Path(name)
-    path = work / "tiny-llama"
+    path = work / name
     if not (path / "config.json").exists():
-        random_llama(256).save_pretrained(path)
+        (llama8b_shaped(int(shaped[1])) if shaped else random_llama(256)).save_pretrained(path)
     return path
 
 
-def load_model(path: Path, training: str, device: str):
+def load_model(path: Path, training: str, device: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     quantization = None
     if training == "qlora":
         quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=quantization, device_map={"": device}
+        path, dtype=dtype, quantization_config=quantization, device_map={"": device}
     )
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tokenizer
@@ -119,6 +121,19 @@ def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32)
     )
 
 
+def reset_peak_memory() -> None:
+    """Peak memory from here on, after the model is loaded: on CPU, loading a large model (a float32
+    checkpoint read into a bf16 model) can set the process's peak and hide what training adds."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set
+
+
+def peak_rss_bytes() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
+
 def constraint_bytes(weight, activation) -> int:
     held = []
     if weight is not None:
@@ -142,13 +157,12 @@ def run_once(args, method: str, device: str) -> dict:
     from cwac_plugin.subspace import Subspace
 
     cfg = CWACConfig.model_validate_json((args.work / "cwac.json").read_text())
-    model, tokenizer = load_model(model_dir(args.model, args.work), args.training, device)
+    model, tokenizer = load_model(model_dir(args.model, args.work), args.training, device, getattr(torch, args.dtype))
     if args.training in ("lora", "qlora"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=DEFAULT_TARGET_MODULES, task_type="CAUSAL_LM"))
         if args.gradient_checkpointing:
             model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     training_args = TrainingArguments(
         output_dir=str(args.work / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=1, use_cpu=device == "cpu",
@@ -185,7 +199,7 @@ def run_once(args, method: str, device: str) -> dict:
     return {
         "step_seconds": statistics.median(timer.times[1:]),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": None if torch.cuda.is_available() else peak_rss_bytes(),
         "constraint_bytes": constraint_bytes(weight, activation),
     }
 
@@ -207,13 +221,14 @@ def in_fresh_process(args, method: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (random 4-layer Llama) or an HF model directory")
+    parser.add_argument("--model", default="tiny", help="'tiny', 'llama8b-N' (random models, see model_dir) or an HF model directory")
     parser.add_argument("--training", choices=["lora", "qlora", "full"], default="lora")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's (and the SAE's) dtype")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="as Axolotl's `gradient_checkpointing: true`")
     parser.add_argument("--profile", action="store_true", help="One run per method under torch.profiler; tables in profiles/ beside --out.")
     parser.add_argument("--out", type=Path, required=True)
@@ -255,9 +270,10 @@ def main() -> None:
     write_json_atomically(args.out, {
         "model": args.model, "training": args.training, "steps": args.steps, "repeats": args.repeats,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
+        "dtype": args.dtype,
         "device": device_name(device),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "peak_memory": "peak allocated CUDA bytes" if device == "cuda" else "peak resident set of the run's process",
+        "peak_memory": "peak allocated CUDA bytes" if device == "cuda" else "peak resident set of the run's process after model loading",
         "methods": table,
     })
     for method, row in table.items():

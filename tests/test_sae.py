@@ -155,10 +155,12 @@ class ToyTokenizer:
         return {"input_ids": [2 + ord(c) % 60 for c in text]}
 
 
-def lora_model_with_activation_constraint(lam: float = 1.0, hook_layer: int = 0, anchors: int = 4, **settings):
+def lora_model_with_activation_constraint(
+    lam: float = 1.0, hook_layer: int = 0, anchors: int = 4, dtype: torch.dtype = torch.float32, **settings
+):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(tiny_llama().to(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     sae = planted_sae()
     hook_point = f"blocks.{hook_layer}.hook_resid_post"
     features = FeatureSet(hook_point, "synthetic", list(range(8)), [1.0] * 8, [0.5] * 8, "standardized", 24)
@@ -203,6 +205,23 @@ def test_loss_is_zero_at_the_aligned_model_and_grows_with_drift():
         perturb_lora_b(model, std)
         losses.append(constraint.loss(model, {}, [])[0].item())
     assert 0 < losses[0] < losses[1] < losses[2]
+
+
+@pytest.mark.parametrize("signal", ["activation", "preactivation"])
+def test_the_sae_runs_in_the_models_dtype_and_the_penalty_in_float32(signal):
+    """A float32 SAE beside a bf16 model would hold twice its memory; the drift is still float32."""
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, constraint = lora_model_with_activation_constraint(dtype=dtype, act_signal=signal)
+        assert {p.dtype for p in constraint.sae.parameters()} == {dtype}
+        perturb_lora_b(model, 0.1)
+        loss, drift = constraint.loss(model, {}, [])
+        assert loss.dtype == drift.dtype == torch.float32
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+        losses[dtype] = loss.item()
+    assert losses[torch.float32] > 0
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=0.05)
 
 
 def test_preactivation_signal_is_the_saes_own_pre_activation_of_the_selected_features():
