@@ -10,8 +10,9 @@ orthonormal bases, rank 16 on every linear module), the SAE (an untrained TopK S
 the 32 features are synthetic: the cost does not depend on their quality.
 Memory: the peak resident set of the run's process (CPU) or peak allocated CUDA memory, both from
 after the model is loaded, and the bytes the constraints hold (bases, W0 U and V^T W0 targets, the
-leakage metric's sketch of W0, SAE). `--profile` runs each method once under torch.profiler and
-writes its table to profiles/ beside --out.
+leakage metric's sketch of W0, SAE). Per step also the kernel CPU time and minor page faults: on CPU
+a step's time also goes there, which the profiler does not see. `--profile` runs each method once
+under torch.profiler and writes its table to profiles/ beside --out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,19 +48,28 @@ METHODS = {
 
 
 class StepTimer(TrainerCallback):
+    """Wall time per step, and the process's kernel time and page faults in it: on CPU, where a step's
+    time goes outside the torch ops (the profiler sees only those)."""
+
     def __init__(self):
         self.times: list[float] = []
-        self._start = 0.0
+        self.system_seconds: list[float] = []
+        self.page_faults: list[int] = []
+        self._start = (0.0, None)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF))
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        start, usage = self._start
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        self.times.append(time.perf_counter() - start)
+        self.system_seconds.append(now.ru_stime - usage.ru_stime)
+        self.page_faults.append(now.ru_minflt - usage.ru_minflt)
 
 
 def device_name(device: str) -> str:
@@ -198,6 +209,8 @@ def run_once(args, method: str, device: str) -> dict:
         trainer.train()
     return {
         "step_seconds": statistics.median(timer.times[1:]),
+        "system_seconds_per_step": statistics.median(timer.system_seconds[1:]),
+        "page_faults_per_step": statistics.median(timer.page_faults[1:]),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "peak_rss_bytes": None if torch.cuda.is_available() else peak_rss_bytes(),
         "constraint_bytes": constraint_bytes(weight, activation),
@@ -260,6 +273,8 @@ def main() -> None:
         row = {
             "median_step_seconds": round(step, 4),
             "step_seconds_all": [round(r["step_seconds"], 4) for r in results],
+            "system_seconds_per_step_all": [round(r["system_seconds_per_step"], 4) for r in results],
+            "page_faults_per_step_all": [r["page_faults_per_step"] for r in results],
             "peak_bytes": int(peak),
             "constraint_bytes": results[0]["constraint_bytes"],
         }
