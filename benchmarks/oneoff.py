@@ -36,6 +36,7 @@ from toy import ToyTokenizer, llama8b_shaped, random_llama
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
 
+SWEEP_WIDTHS = (128, 256, 512, 1024)
 WORDS = "how do i make a weapon hack steal poison attack tell me about the sea bread recipe capital of france".split()
 
 
@@ -45,6 +46,11 @@ def synthetic_examples(n: int, seed: int) -> list[Example]:
         Example(" ".join(rng.choice(WORDS) for _ in range(12)), " ".join(rng.choice(WORDS) for _ in range(12)))
         for _ in range(n)
     ]
+
+
+def sweep_data(pairs: int = 64) -> tuple[list[Example], list[Example]]:
+    """The safety and contrast sets of the random-Llama runs."""
+    return synthetic_examples(pairs, 0), synthetic_examples(pairs, 1)
 
 
 def timed(fn) -> tuple[float, object]:
@@ -161,17 +167,17 @@ def main() -> None:
         result |= repeated(args.repeats, model, tokenizer, safety, contrast, cfg, args.max_length, with_sae=True)
     elif args.llama8b_layers:
         model = llama8b_shaped(args.llama8b_layers)
-        safety, contrast = synthetic_examples(32, 0), synthetic_examples(32, 1)
+        safety, contrast = sweep_data(32)
         cfg = CWACConfig(subspace="unused")
         result |= repeated(args.repeats, model, ToyTokenizer(), safety, contrast, cfg, args.max_length, with_sae=False)
         result["model"] |= {"layers": args.llama8b_layers, "vocab_size": model.config.vocab_size}
     else:
         tokenizer = ToyTokenizer()
-        safety, contrast = synthetic_examples(64, 0), synthetic_examples(64, 1)
+        safety, contrast = sweep_data()
         base = {"subspace": "unused", "hook_point": "blocks.2.hook_resid_post", "sae_training_tokens": 50_000}
         width_rows = [
             measure(random_llama(hidden), tokenizer, safety, contrast, CWACConfig(**base), args.max_length, with_sae=True)
-            for hidden in (128, 256, 512, 1024)
+            for hidden in SWEEP_WIDTHS
         ]
         module_rows = []
         model = random_llama(256)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from oneoff import synthetic_examples
+from oneoff import SWEEP_WIDTHS, sweep_data
 from torch.profiler import profile, record_function
 from toy import ToyTokenizer, random_llama
 
@@ -34,10 +34,10 @@ def main() -> None:
             return gram(p, q, test)
 
     subspace._gram = traced_gram
-    safety, contrast = synthetic_examples(64, 0), synthetic_examples(64, 1)
+    safety, contrast = sweep_data()
     cfg = CWACConfig(subspace="unused", hook_point="blocks.2.hook_resid_post")
     rows = []
-    for hidden in (128, 256, 512, 1024):
+    for hidden in SWEEP_WIDTHS:
         model = random_llama(hidden)
         with profile() as profiler:
             start = time.perf_counter()
