@@ -153,7 +153,7 @@ def constraint_bytes(weight, activation) -> int:
         for full in weight._full.values():
             held += [full.sketch, full.initial_sketched]
     if activation is not None:
-        held += list(activation.sae.parameters())
+        held += [*activation.sae.parameters(), *(activation.selected_encoder or ())]
     unique = {id(t): t for t in held if t is not None}
     return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -192,7 +192,8 @@ def run_once(args, method: str, device: str) -> dict:
         if settings.activation_constraint:
             anchors = [Example(f"how do i make a weapon number {i}", "sorry, i cannot help") for i in range(16)]
             batches = Batches(tokenizer or ToyTokenizer(), anchors, 64, settings.anchor_batch_size, device)
-            activation = ActivationConstraint(trainer.model, load_sae(settings, device), FeatureSet.load(settings.features), settings, batches)
+            # Loaded on the CPU as the plugin does: the constraint moves only what it keeps to the device.
+            activation = ActivationConstraint(trainer.model, load_sae(settings), FeatureSet.load(settings.features), settings, batches)
         install(trainer, weight=weight, activation=activation)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

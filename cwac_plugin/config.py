@@ -140,8 +140,8 @@ class CWACConfig(BaseModel):
     act_signal: Literal["activation", "preactivation"] = Field(
         default="activation",
         description="What drift is measured on: the SAE's feature activations, or the selected features' "
-        "encoder pre-activations (smooth where TopK/JumpReLU switch features on and off; d x m work, not "
-        "d x d_sae).",
+        "encoder pre-activations (smooth where TopK/JumpReLU switch features on and off; d x m work and "
+        "memory, not d x d_sae).",
     )
     act_skip_first: int = Field(
         default=0,

@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,8 +148,11 @@ def run_and_capture(model: nn.Module, tap: ResidualTap, inputs: dict[str, Tensor
 # ---------------------------------------------------------------------------------------------
 
 
-def load_sae(cfg: CWACConfig, device: torch.device | str = "cpu"):
-    """The SAE named by `cwac.sae` (a directory) or `cwac.sae_release` / `cwac.sae_id` (hub)."""
+def load_sae(cfg: CWACConfig):
+    """The SAE named by `cwac.sae` (a directory) or `cwac.sae_release` / `cwac.sae_id` (hub).
+
+    On the CPU: `ActivationConstraint` moves to the model's device only the weights it reads.
+    """
     from sae_lens import SAE
 
     if cfg.sae:
@@ -159,9 +162,9 @@ def load_sae(cfg: CWACConfig, device: torch.device | str = "cpu"):
                 f"cwac.sae: {path} is not a sae-lens SAE directory (no cfg.json). Train one with "
                 "`cwac train-sae CONFIG.yml`, or point cwac.sae at a directory written by SAE.save_model"
             )
-        sae = SAE.load_from_disk(str(path), device=str(device))
+        sae = SAE.load_from_disk(str(path), device="cpu")
     elif cfg.sae_release:
-        sae = SAE.from_pretrained(cfg.sae_release, cfg.sae_id, device=str(device))
+        sae = SAE.from_pretrained(cfg.sae_release, cfg.sae_id, device="cpu")
     else:
         raise SAEConfigError("set cwac.sae (a local sae-lens directory) or cwac.sae_release and cwac.sae_id")
     for parameter in sae.parameters():
@@ -458,6 +461,9 @@ class ActivationConstraint:
     computed once, here, before any update or checkpoint load; with anchor "batch" it takes the
     training forward's own activations and runs the batch once more, without gradients and with
     adapters disabled, for the reference.
+
+    The constraint owns the SAE it is given: it moves it to the model's device and dtype and
+    releases the weights its encoding never reads (see `release_unread_weights`).
     """
 
     def __init__(self, model: nn.Module, sae, features: FeatureSet, cfg: CWACConfig, anchors: Batches | None):
@@ -469,7 +475,6 @@ class ActivationConstraint:
             )
         check_sae_fits(sae, model, features.hook_point)
         features.check_against(sae)
-        self.sae = sae
         self.features = features
         self.lam = cfg.act_lambda
         self.anchor = cfg.act_anchor
@@ -478,6 +483,12 @@ class ActivationConstraint:
         self.tap = ResidualTap(model, features.hook_point)
         self.indices = torch.tensor(features.indices)
         self.scale = torch.tensor(features.reference_scale) if cfg.act_normalize else None
+        self.sae = sae
+        self.selected_encoder: tuple[Tensor, Tensor] | None = None
+        if self.signal == "preactivation":
+            self.selected_encoder = (sae.W_enc.detach()[:, self.indices], sae.b_enc.detach()[self.indices])
+        self._placement: tuple[torch.device, torch.dtype] | None = None
+        release_unread_weights(sae, self._encode_here, ("W_enc", "W_dec") if self.selected_encoder else ("W_dec",))
         self.anchors = anchors
         self._references: list[tuple[dict[str, Tensor], Tensor]] | None = None
         self._next_anchor = 0
@@ -507,17 +518,22 @@ class ActivationConstraint:
         would hold twice the memory (an 8x-wide SAE at 8B widths: 1 GiB instead of 0.5) for
         precision the activations it reads do not have.
         """
-        if self.indices.device != hidden.device:
+        placement = (hidden.device, hidden.dtype)
+        if self._placement != placement:
+            self.sae.to(*placement)
             self.indices = self.indices.to(hidden.device)
             self.scale = None if self.scale is None else self.scale.to(hidden.device)
-        if self.sae.W_enc.device != hidden.device or self.sae.W_enc.dtype != hidden.dtype:
-            self.sae.to(hidden.device, hidden.dtype)
-        if self.signal == "preactivation":
-            sae_in = self.sae.process_sae_in(hidden)
-            z = sae_in @ self.sae.W_enc[:, self.indices] + self.sae.b_enc[self.indices]
-        else:
-            z = self.sae.encode(hidden)[..., self.indices]
-        return z.float()
+            if self.selected_encoder is not None:
+                self.selected_encoder = tuple(weight.to(*placement) for weight in self.selected_encoder)
+            self._placement = placement
+        return self._encode_here(hidden).float()
+
+    def _encode_here(self, hidden: Tensor) -> Tensor:
+        """The selected features from an SAE already on `hidden`'s device and dtype."""
+        if self.selected_encoder is not None:
+            encoder_columns, encoder_bias = self.selected_encoder
+            return self.sae.process_sae_in(hidden) @ encoder_columns + encoder_bias
+        return self.sae.encode(hidden)[..., self.indices]
 
     @torch.no_grad()
     def _reference_activations(self, model: nn.Module) -> list[tuple[dict[str, Tensor], Tensor]]:
@@ -571,6 +587,31 @@ class ActivationConstraint:
 
     def remove(self) -> None:
         self.tap.remove()
+
+
+@torch.no_grad()
+def release_unread_weights(sae, encode: Callable[[Tensor], Tensor], names: Iterable[str]) -> None:
+    """Drop each of the SAE's weight matrices `names` that `encode` turns out not to read.
+
+    Most encoders never read the decoder (TopK's `rescale_acts_by_decoder_norm` and matching
+    pursuit do), and with the selected encoder columns copied out the preactivation signal reads
+    neither matrix: at 8B widths an 8x-wide SAE's decoder is 256 MiB in bf16, its encoder as much.
+    Whether a matrix is read is found by encoding a probe without it, which needs no knowledge of
+    sae-lens's architectures; a matrix whose absence fails or changes the probe is kept.
+    """
+    probe = torch.randn(2, sae.cfg.d_in, generator=torch.Generator().manual_seed(0)).to(sae.b_dec)
+    expected = encode(probe)
+    for name in names:
+        weight = sae._parameters.get(name)
+        if weight is None:
+            continue
+        sae.register_parameter(name, None)
+        try:
+            unread = torch.equal(encode(probe), expected)
+        except (AttributeError, TypeError, RuntimeError):
+            unread = False
+        if not unread:
+            sae.register_parameter(name, weight)
 
 
 def base_model_peft(model: nn.Module) -> nn.Module:

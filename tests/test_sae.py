@@ -213,7 +213,8 @@ def test_the_sae_runs_in_the_models_dtype_and_the_penalty_in_float32(signal):
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         model, constraint = lora_model_with_activation_constraint(dtype=dtype, act_signal=signal)
-        assert {p.dtype for p in constraint.sae.parameters()} == {dtype}
+        held = [*constraint.sae.parameters(), *(constraint.selected_encoder or ())]
+        assert {weight.dtype for weight in held} == {dtype}
         perturb_lora_b(model, 0.1)
         loss, drift = constraint.loss(model, {}, [])
         assert loss.dtype == drift.dtype == torch.float32
@@ -231,9 +232,47 @@ def test_preactivation_signal_is_the_saes_own_pre_activation_of_the_selected_fea
     assert constraint.loss(model, {}, [])[0].item() > 0
     hidden = torch.randn(2, 5, 32)
     seen = []
-    constraint.sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: seen.append(out))
-    constraint.sae.encode(hidden)
+    same_sae = planted_sae()
+    same_sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    same_sae.encode(hidden)
     assert torch.allclose(constraint._encode(hidden), seen[0][..., constraint.indices], atol=1e-6)
+
+
+def random_topk_sae(rescale_acts_by_decoder_norm: bool):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    g = torch.Generator().manual_seed(1)
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=24, k=4, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm))
+    with torch.no_grad():
+        for weight in sae.parameters():
+            weight.normal_(generator=g).requires_grad_(False)
+    return sae
+
+
+@pytest.mark.parametrize(
+    ("make_sae", "signal", "released"),
+    [
+        (planted_sae, "activation", {"W_dec"}),
+        (lambda: random_topk_sae(False), "activation", {"W_dec"}),
+        (lambda: random_topk_sae(True), "activation", set()),
+        (lambda: random_topk_sae(True), "preactivation", {"W_enc", "W_dec"}),
+    ],
+    ids=["standard", "topk", "topk-rescaled-by-decoder-norm", "topk-preactivation"],
+)
+def test_the_sae_weights_its_encoding_never_reads_are_released(make_sae, signal, released):
+    """An unread decoder held on the device is memory for nothing (256 MiB in bf16 at 8B widths)."""
+    features = FeatureSet("blocks.0.hook_resid_post", "s", [2, 7, 19], [1.0] * 3, [0.5] * 3, "x", 24)
+    cfg = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json", act_signal=signal)
+    anchors = Batches(ToyTokenizer(), examples(2), 32, 2)
+    constraint = ActivationConstraint(tiny_llama(), make_sae(), features, cfg, anchors)
+    assert {name for name in ("W_enc", "W_dec") if getattr(constraint.sae, name) is None} == released
+    hidden = torch.randn(2, 5, 32)
+    whole = make_sae()
+    if signal == "activation":
+        expected = whole.encode(hidden)[..., features.indices]
+    else:
+        expected = (whole.process_sae_in(hidden) @ whole.W_enc + whole.b_enc)[..., features.indices]
+    assert torch.allclose(constraint._encode(hidden), expected, atol=1e-5)
 
 
 def test_leading_positions_can_be_left_out_of_the_penalty():
