@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from overhead import device_name, load_model, model_dir, synthetic_artifacts
 from torch.profiler import profile
 
 from cwac_plugin.config import DEFAULT_TARGET_MODULES
 from cwac_plugin.data import write_json_atomically
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.subspace import Subspace
+
+from overhead import device_name, load_model, model_dir, synthetic_artifacts
 
 
 def timed(call, calls: int, device: str) -> dict:

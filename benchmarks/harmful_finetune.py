@@ -29,12 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "smollm2_cpu"))
 
-import prepare  # noqa: E402  (the example's wheel download and GGUF conversion)
+import prepare  # the example's wheel download and GGUF conversion
 
-from cwac_plugin.config import CWACConfig  # noqa: E402
-from cwac_plugin.data import Batches, Example, write_json_atomically  # noqa: E402
-from cwac_plugin.eval import evaluate, generate  # noqa: E402
-from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace  # noqa: E402
+from cwac_plugin.config import CWACConfig
+from cwac_plugin.data import Batches, Example, write_json_atomically
+from cwac_plugin.eval import evaluate, generate
+from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace
 
 METHODS = {
     "plain": None,

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from toy import ToyTokenizer, llama8b_shaped, random_llama
-
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
+
+from toy import ToyTokenizer, llama8b_shaped, random_llama
 
 SWEEP_WIDTHS = (128, 256, 512, 1024)
 WORDS = "how do i make a weapon hack steal poison attack tell me about the sea bread recipe capital of france".split()

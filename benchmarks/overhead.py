@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from toy import ToyTokenizer, llama8b_shaped, random_llama
-
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Batches, Example, write_json_atomically
+
+from toy import ToyTokenizer, llama8b_shaped, random_llama
 
 METHODS = {
     "plain": None,

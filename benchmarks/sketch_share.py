@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-from oneoff import SWEEP_WIDTHS, sweep_data
 from torch.profiler import profile, record_function
-from toy import ToyTokenizer, random_llama
 
 from cwac_plugin import subspace
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import write_json_atomically
+
+from oneoff import SWEEP_WIDTHS, sweep_data
+from toy import ToyTokenizer, random_llama
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ class Batches:
     device: torch.device | str = "cpu"
 
     def __len__(self) -> int:
-        return -(-len(self.examples) // self.batch_size)
+        return (len(self.examples) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         tokenizer = self.tokenizer

@@ -128,7 +128,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
 
 
 def task_correct(answer: str, expected: str, match: str) -> bool:
-    normalise = lambda s: " ".join(s.lower().strip().rstrip(".").split())  # noqa: E731
+    normalise = lambda s: " ".join(s.lower().strip().rstrip(".").split())
     if match == "exact":
         return normalise(answer) == normalise(expected)
     if match == "first_word":

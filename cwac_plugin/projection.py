@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from cwac_plugin.subspace import Subspace, SubspaceError, base_model_of, is_lora_wrapper, linear_of, resolve_modules
+from cwac_plugin.subspace import (
+    Subspace,
+    SubspaceError,
+    base_model_of,
+    is_lora_wrapper,
+    linear_of,
+    resolve_modules,
+)
 
 
 def project_input_side(x: Tensor, basis: Tensor, target: Tensor | None = None) -> Tensor:

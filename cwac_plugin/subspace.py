@@ -159,7 +159,7 @@ class Subspace:
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except (SafetensorError, OSError) as err:
             raise SubspaceError(f"{key}: {path} is not a readable safetensors file ({err})") from err
         if metadata.get("format") != FORMAT:

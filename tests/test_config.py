@@ -6,10 +6,11 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import axolotl_config, run
 from pydantic import ValidationError
 
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
+
+from conftest import axolotl_config, run
 
 
 def test_defaults():

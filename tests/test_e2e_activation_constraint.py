@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEEPSPEED, SAFETY, axolotl_config, check_ok, logged_steps, run
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_e2e_weight_constraint import LORA, TORCHRUN, leakage_of, trained_deltas
@@ -17,6 +16,8 @@ from test_e2e_weight_constraint import LORA, TORCHRUN, leakage_of, trained_delta
 from cwac_plugin.data import Batches, Example
 from cwac_plugin.sae import FeatureSet, ResidualTap
 from cwac_plugin.subspace import Subspace
+
+from conftest import DEEPSPEED, SAFETY, axolotl_config, check_ok, logged_steps, run
 
 pytestmark = pytest.mark.e2e
 
@@ -95,7 +96,7 @@ def test_penalty_keeps_features_closer_to_the_aligned_model(
         check_ok(run(["axolotl", "train", str(config), *launcher], cwd=run_dir))
         out = run_dir / "out"
         with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:  # a plain adapter, no plugin state
-            assert all(".lora_A." in key or ".lora_B." in key for key in f.keys())
+            assert all(".lora_A." in key or ".lora_B." in key for key in f.keys())  # noqa: SIM118 (not iterable)
         logged = logged_steps(out)
         assert len(logged) == 8 and all("cwac/act_loss" in e and "cwac/feature_drift" in e for e in logged)
         drift[lam] = feature_drift(tiny_model, out, artifacts["cwac"])

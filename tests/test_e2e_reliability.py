@@ -1,10 +1,11 @@
 """Resume and coexistence with other Axolotl features, through the real `axolotl train`."""
 
 import pytest
-from conftest import axolotl_config, check_ok, log_history, logged_steps, run
 from test_e2e_weight_constraint import LORA, leakage_of, trained_deltas
 
 from cwac_plugin.subspace import Subspace
+
+from conftest import axolotl_config, check_ok, log_history, logged_steps, run
 
 pytestmark = pytest.mark.e2e
 

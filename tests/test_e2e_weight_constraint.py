@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEEPSPEED, axolotl_config, check_ok, logged_steps, run
 from safetensors.torch import load_file
 
 from cwac_plugin.subspace import Subspace
+
+from conftest import DEEPSPEED, axolotl_config, check_ok, logged_steps, run
 
 pytestmark = pytest.mark.e2e
 

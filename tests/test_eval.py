@@ -3,10 +3,19 @@
 import json
 
 import pytest
-from conftest import check_ok, run
 
 from cwac_plugin.data import DataError
-from cwac_plugin.eval import COMPLIANCE, DEGENERATE, REFUSAL, is_degenerate, load_prompts, phrase_judge, task_correct
+from cwac_plugin.eval import (
+    COMPLIANCE,
+    DEGENERATE,
+    REFUSAL,
+    is_degenerate,
+    load_prompts,
+    phrase_judge,
+    task_correct,
+)
+
+from conftest import check_ok, run
 
 
 @pytest.mark.parametrize(

@@ -135,9 +135,9 @@ def test_without_enforcement_adamw_leaks():
 
 def test_full_finetuning_holds_no_copy_of_the_weights():
     """Bases, targets and the metric's sketch: every tensor kept is thin, O((d_in + d_out) k)."""
-    from cwac_plugin.projection import SKETCH_COLUMNS
-
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cwac_plugin.projection import SKETCH_COLUMNS
 
     # every weight dimension above the sketch's 64 columns, so that a copy of W0 would be caught
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from test_projection import tiny_llama
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example
@@ -16,6 +15,8 @@ from cwac_plugin.sae import (
     run_and_capture,
     score_features,
 )
+
+from test_projection import tiny_llama
 
 PLANTED = [3, 11]
 

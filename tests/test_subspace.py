@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_projection import orthonormal, tiny_llama
 from torch import nn
 
 from cwac_plugin.config import CWACConfig
@@ -23,6 +22,8 @@ from cwac_plugin.subspace import (
     top_directions,
     top_eigenvectors,
 )
+
+from test_projection import orthonormal, tiny_llama
 
 PAD = 0
 
