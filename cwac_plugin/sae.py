@@ -487,6 +487,11 @@ class ActivationConstraint:
         self.selected_encoder: tuple[Tensor, Tensor] | None = None
         if self.signal == "preactivation":
             self.selected_encoder = (sae.W_enc.detach()[:, self.indices], sae.b_enc.detach()[self.indices])
+        elif getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            # sae-lens's own fold (as in its fold_activation_whitening): the encoder absorbs the
+            # decoder's row norms, so the same activations follow without reading the decoder.
+            sae.fold_W_dec_norm()
+            sae.cfg.rescale_acts_by_decoder_norm = False
         self._placement: tuple[torch.device, torch.dtype] | None = None
         release_unread_weights(sae, self._encode_here, ("W_enc", "W_dec") if self.selected_encoder else ("W_dec",))
         self.anchors = anchors
@@ -593,9 +598,9 @@ class ActivationConstraint:
 def release_unread_weights(sae, encode: Callable[[Tensor], Tensor], names: Iterable[str]) -> None:
     """Drop each of the SAE's weight matrices `names` that `encode` turns out not to read.
 
-    Most encoders never read the decoder (TopK's `rescale_acts_by_decoder_norm` and matching
-    pursuit do), and with the selected encoder columns copied out the preactivation signal reads
-    neither matrix: at 8B widths an 8x-wide SAE's decoder is 256 MiB in bf16, its encoder as much.
+    Most encoders never read the decoder (matching pursuit does; TopK's `rescale_acts_by_decoder_norm`
+    does until folded), and with the selected encoder columns copied out the preactivation signal
+    reads neither matrix: at 8B widths an 8x-wide SAE's decoder is 256 MiB in bf16, its encoder as much.
     Whether a matrix is read is found by encoding a probe without it, which needs no knowledge of
     sae-lens's architectures; a matrix whose absence fails or changes the probe is kept.
     """

@@ -239,15 +239,25 @@ def test_preactivation_signal_is_the_saes_own_pre_activation_of_the_selected_fea
     assert torch.allclose(constraint._encode(hidden), seen[0][..., constraint.indices], atol=1e-6)
 
 
-def random_topk_sae(rescale_acts_by_decoder_norm: bool):
-    from sae_lens import TopKSAE, TopKSAEConfig
-
-    g = torch.Generator().manual_seed(1)
-    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=24, k=4, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm))
+def with_random_weights(sae, seed: int):
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for weight in sae.parameters():
             weight.normal_(generator=g).requires_grad_(False)
     return sae
+
+
+def random_topk_sae(rescale_acts_by_decoder_norm: bool):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    config = TopKSAEConfig(d_in=32, d_sae=24, k=4, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm)
+    return with_random_weights(TopKSAE(config), seed=1)
+
+
+def matching_pursuit_sae():
+    from sae_lens import MatchingPursuitSAE, MatchingPursuitSAEConfig
+
+    return with_random_weights(MatchingPursuitSAE(MatchingPursuitSAEConfig(d_in=32, d_sae=24)), seed=2)
 
 
 @pytest.mark.parametrize(
@@ -255,10 +265,11 @@ def random_topk_sae(rescale_acts_by_decoder_norm: bool):
     [
         (planted_sae, "activation", {"W_dec"}),
         (lambda: random_topk_sae(False), "activation", {"W_dec"}),
-        (lambda: random_topk_sae(True), "activation", set()),
+        (lambda: random_topk_sae(True), "activation", {"W_dec"}),  # once the norms are folded in
         (lambda: random_topk_sae(True), "preactivation", {"W_enc", "W_dec"}),
+        (matching_pursuit_sae, "activation", set()),  # its encoding is a pursuit over the decoder
     ],
-    ids=["standard", "topk", "topk-rescaled-by-decoder-norm", "topk-preactivation"],
+    ids=["standard", "topk", "topk-rescaled-by-decoder-norm", "topk-preactivation", "matching-pursuit"],
 )
 def test_the_sae_weights_its_encoding_never_reads_are_released(make_sae, signal, released):
     """An unread decoder held on the device is memory for nothing (256 MiB in bf16 at 8B widths)."""
