@@ -604,7 +604,8 @@ def release_unread_weights(sae, encode: Callable[[Tensor], Tensor], names: Itera
     Whether a matrix is read is found by encoding a probe without it, which needs no knowledge of
     sae-lens's architectures; a matrix whose absence fails or changes the probe is kept.
     """
-    probe = torch.randn(2, sae.cfg.d_in, generator=torch.Generator().manual_seed(0)).to(sae.b_dec)
+    # Shaped like the residual stream, (batch, sequence, d_in): some encoders read across positions.
+    probe = torch.randn(1, 4, sae.cfg.d_in, generator=torch.Generator().manual_seed(0)).to(sae.b_dec)
     expected = encode(probe)
     for name in names:
         weight = sae._parameters.get(name)

@@ -260,6 +260,13 @@ def matching_pursuit_sae():
     return with_random_weights(MatchingPursuitSAE(MatchingPursuitSAEConfig(d_in=32, d_sae=24)), seed=2)
 
 
+def temporal_sae():
+    from sae_lens import TemporalSAE, TemporalSAEConfig
+
+    config = TemporalSAEConfig(d_in=32, d_sae=24, n_heads=1, bottleneck_factor=8, kval_topk=4)
+    return with_random_weights(TemporalSAE(config), seed=3)
+
+
 @pytest.mark.parametrize(
     ("make_sae", "signal", "released"),
     [
@@ -268,8 +275,9 @@ def matching_pursuit_sae():
         (lambda: random_topk_sae(True), "activation", {"W_dec"}),  # once the norms are folded in
         (lambda: random_topk_sae(True), "preactivation", {"W_enc", "W_dec"}),
         (matching_pursuit_sae, "activation", set()),  # its encoding is a pursuit over the decoder
+        (temporal_sae, "activation", set()),  # tied weights; attends over the sequence
     ],
-    ids=["standard", "topk", "topk-rescaled-by-decoder-norm", "topk-preactivation", "matching-pursuit"],
+    ids=["standard", "topk", "topk-rescaled-by-decoder-norm", "topk-preactivation", "matching-pursuit", "temporal"],
 )
 def test_the_sae_weights_its_encoding_never_reads_are_released(make_sae, signal, released):
     """An unread decoder held on the device is memory for nothing (256 MiB in bf16 at 8B widths)."""
@@ -277,9 +285,10 @@ def test_the_sae_weights_its_encoding_never_reads_are_released(make_sae, signal,
     cfg = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json", act_signal=signal)
     anchors = Batches(ToyTokenizer(), examples(2), 32, 2)
     constraint = ActivationConstraint(tiny_llama(), make_sae(), features, cfg, anchors)
-    assert {name for name in ("W_enc", "W_dec") if getattr(constraint.sae, name) is None} == released
-    hidden = torch.randn(2, 5, 32)
     whole = make_sae()
+    held = {name for name, _ in constraint.sae.named_parameters()}
+    assert {name for name, _ in whole.named_parameters()} - held == released
+    hidden = torch.randn(2, 5, 32)
     if signal == "activation":
         expected = whole.encode(hidden)[..., features.indices]
     else:
