@@ -67,21 +67,27 @@ def aux_loss_scale(trainer: Trainer, num_items_in_batch) -> float:
 
 
 class _ActivationMetrics:
-    """Running sums between two logs; averaged over ranks when logged."""
+    """Running sums between two logs; averaged over ranks when logged.
+
+    The sums stay on the loss's device: reading each micro-batch's loss on the host would make the
+    CPU wait for the GPU between the forward and the backward of every micro-batch.
+    """
 
     def __init__(self):
-        self.sums = torch.zeros(3, dtype=torch.float64)  # act_loss, drift, micro-batches
+        self.sums: torch.Tensor | None = None  # act_loss, drift, micro-batches
 
     def add(self, act_loss: torch.Tensor, drift: torch.Tensor) -> None:
-        self.sums += torch.tensor([act_loss.item(), drift.item(), 1.0], dtype=torch.float64)
+        one = torch.ones((), device=act_loss.device)
+        step = torch.stack([act_loss.detach().float(), drift.detach().float(), one])
+        self.sums = step if self.sums is None else self.sums + step
 
     def pop(self, device: torch.device) -> dict[str, float]:
-        sums = self.sums.to(device, copy=True)  # on CPU .to() would alias the running sums
+        sums = torch.zeros(3, device=device) if self.sums is None else self.sums.to(device)
+        self.sums = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        self.sums.zero_()
-        count = max(sums[2].item(), 1.0)
-        return {"cwac/act_loss": sums[0].item() / count, "cwac/feature_drift": sums[1].item() / count}
+        act_loss, drift, count = sums.tolist()
+        return {"cwac/act_loss": act_loss / max(count, 1.0), "cwac/feature_drift": drift / max(count, 1.0)}
 
 
 def leakage_metrics(constraint: WeightConstraint) -> dict[str, float]:

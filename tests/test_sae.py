@@ -376,6 +376,20 @@ def test_penalty_is_averaged_over_gradient_accumulation_like_the_main_loss(tmp_p
     assert difference / total < 1e-4
 
 
+def test_penalty_metrics_are_read_on_the_host_only_when_logged():
+    """A host read per micro-batch would stall a GPU between every forward and its backward."""
+    from cwac_plugin.hf import _ActivationMetrics
+
+    metrics = _ActivationMetrics()
+    valueless = torch.ones((), device="meta")  # .item() on a meta tensor raises
+    metrics.add(valueless, valueless)
+    metrics = _ActivationMetrics()
+    for act_loss, drift in [(1.0, 0.5), (3.0, 1.5)]:
+        metrics.add(torch.tensor(act_loss), torch.tensor(drift))
+    assert metrics.pop(torch.device("cpu")) == {"cwac/act_loss": 2.0, "cwac/feature_drift": 1.0}
+    assert metrics.pop(torch.device("cpu")) == {"cwac/act_loss": 0.0, "cwac/feature_drift": 0.0}
+
+
 def test_gradient_checkpointing_recompute_is_not_counted_twice():
     """The recompute during backward runs the hooked layer again; it must not be captured.
 
