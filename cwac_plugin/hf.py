@@ -121,7 +121,7 @@ def install(
             if not model.training:
                 return result
             act_loss, drift = activation.loss(model, inputs, training_hidden)
-            metrics.add(act_loss.detach(), drift)
+            metrics.add(act_loss, drift)
             scaled = act_loss * aux_loss_scale(trainer, num_items_in_batch)
             if return_outputs:
                 return result[0] + scaled, result[1]

@@ -492,7 +492,6 @@ class ActivationConstraint:
             # decoder's row norms, so the same activations follow without reading the decoder.
             sae.fold_W_dec_norm()
             sae.cfg.rescale_acts_by_decoder_norm = False
-        self._placement: tuple[torch.device, torch.dtype] | None = None
         release_unread_weights(sae, self._encode_here, ("W_enc", "W_dec") if self.selected_encoder else ("W_dec",))
         self.anchors = anchors
         self._references: list[tuple[dict[str, Tensor], Tensor]] | None = None
@@ -520,17 +519,16 @@ class ActivationConstraint:
         """The selected features' activations, in float32 for the drift.
 
         The SAE runs in the residual stream's device and dtype: in float32 beside a bf16 model it
-        would hold twice the memory (an 8x-wide SAE at 8B widths: 1 GiB instead of 0.5) for
-        precision the activations it reads do not have.
+        would hold twice the memory (an 8x-wide SAE's encoder at 8B widths: 512 MiB instead of 256)
+        for precision the activations it reads do not have.
         """
         placement = (hidden.device, hidden.dtype)
-        if self._placement != placement:
+        if (self.sae.b_dec.device, self.sae.b_dec.dtype) != placement:  # b_dec: kept by every SAE
             self.sae.to(*placement)
             self.indices = self.indices.to(hidden.device)
             self.scale = None if self.scale is None else self.scale.to(hidden.device)
             if self.selected_encoder is not None:
                 self.selected_encoder = tuple(weight.to(*placement) for weight in self.selected_encoder)
-            self._placement = placement
         return self._encode_here(hidden).float()
 
     def _encode_here(self, hidden: Tensor) -> Tensor:
