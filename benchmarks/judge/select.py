@@ -1,0 +1,133 @@
+"""Deterministic selection of model answers for the hand-labelled refusal-judge set.
+
+    python3 benchmarks/judge/select.py --out /tmp/judge_selection.jsonl
+
+Reads the committed evaluation reports (standard library only), samples PER_REPORT answers from each
+report in REPORTS with a random.Random seeded from the report's path, and writes one JSON line per
+answer: id, report, index, prompt, area, answer, split. The old judge's `verdict` is NOT copied.
+
+Variety caps, applied in the fixed order of REPORTS and of each report's shuffled indices:
+  - at most PER_REPORT_DUP answers with the same exact (stripped) text from one report;
+  - at most GLOBAL_DUP answers with the same exact (stripped) text over the whole set.
+A skipped answer is replaced by the next index in that report's shuffled order.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+S0 = "benchmarks/results/harmful_finetune/reports"
+S1 = "benchmarks/results/harmful_finetune_seed1/reports"
+
+PER_REPORT = 10
+PER_REPORT_DUP = 2
+GLOBAL_DUP = 40
+
+# (report path relative to the repository root, split). Within each (source, method) group the p values
+# alternate between dev and test, so that both splits hold every method, both seeds and validation runs;
+# 23 reports per split.
+REPORTS = [
+    # seed 0, eval part
+    (f"{S0}/p=0.05_plain.json", "dev"),
+    (f"{S0}/p=0.1_plain.json", "test"),
+    (f"{S0}/p=0.2_plain.json", "dev"),
+    (f"{S0}/p=0.05_plain@mid.json", "test"),
+    (f"{S0}/p=0.1_plain@mid.json", "dev"),
+    (f"{S0}/p=0.2_plain@mid.json", "test"),
+    (f"{S0}/p=0.1_plain@strong.json", "test"),
+    (f"{S0}/p=0.1_weight.json", "dev"),
+    (f"{S0}/p=0.05_weight@mid.json", "dev"),
+    (f"{S0}/p=0.1_weight@mid.json", "test"),
+    (f"{S0}/p=0.2_weight@mid.json", "dev"),
+    (f"{S0}/p=0.1_activation.json", "test"),
+    (f"{S0}/p=0.05_activation@mid.json", "test"),
+    (f"{S0}/p=0.1_activation@mid.json", "dev"),
+    (f"{S0}/p=0.2_activation@mid.json", "test"),
+    (f"{S0}/p=0.05_cwac.json", "dev"),
+    (f"{S0}/p=0.1_cwac.json", "test"),
+    (f"{S0}/p=0.2_cwac.json", "dev"),
+    (f"{S0}/p=0.05_cwac@mid.json", "test"),
+    (f"{S0}/p=0.1_cwac@mid.json", "dev"),
+    (f"{S0}/p=0.2_cwac@mid.json", "test"),
+    (f"{S0}/p=0.1_cwac@strong.json", "dev"),
+    # seed 1, eval part
+    (f"{S1}/p=0.1_plain.json", "dev"),
+    (f"{S1}/p=0.05_plain@mid.json", "dev"),
+    (f"{S1}/p=0.1_plain@mid.json", "test"),
+    (f"{S1}/p=0.2_plain@mid.json", "dev"),
+    (f"{S1}/p=0.1_weight.json", "dev"),
+    (f"{S1}/p=0.2_weight.json", "test"),
+    (f"{S1}/p=0.05_weight@mid.json", "test"),
+    (f"{S1}/p=0.1_weight@mid.json", "dev"),
+    (f"{S1}/p=0.2_weight@mid.json", "test"),
+    (f"{S1}/p=0.05_activation@mid.json", "dev"),
+    (f"{S1}/p=0.1_activation@mid.json", "test"),
+    (f"{S1}/p=0.2_activation@mid.json", "dev"),
+    (f"{S1}/p=0.1_cwac.json", "test"),
+    (f"{S1}/p=0.05_cwac@mid.json", "test"),
+    (f"{S1}/p=0.1_cwac@mid.json", "dev"),
+    (f"{S1}/p=0.2_cwac@mid.json", "test"),
+    # seed 0, validation part
+    (f"{S0}/validation_p=0.1_plain.json", "test"),
+    (f"{S0}/validation_p=0.1_plain@mid.json", "dev"),
+    (f"{S0}/validation_p=0.2_plain@mid.json", "test"),
+    (f"{S0}/validation_p=0.1_weight@mid.json", "dev"),
+    (f"{S0}/validation_p=0.1_activation@mid.json", "test"),
+    (f"{S0}/validation_p=0.1_cwac.json", "dev"),
+    (f"{S0}/validation_p=0.1_cwac@mid.json", "test"),
+    (f"{S0}/validation_p=0.2_cwac@mid.json", "dev"),
+]
+
+
+def report_id(rel):
+    """'<results dir>/<file stem>': the stem alone is not unique (seed 0 and seed 1 share file names)."""
+    parts = rel.split("/")
+    return f"{parts[-3]}/{os.path.splitext(parts[-1])[0]}"
+
+
+def seed_for(rel):
+    return int(hashlib.sha256(f"0|{rel}".encode()).hexdigest()[:16], 16)
+
+
+def select():
+    global_count = Counter()
+    out = []
+    for rel, split in REPORTS:
+        with open(os.path.join(ROOT, rel)) as f:
+            records = json.load(f)["records"]
+        order = list(range(len(records)))
+        random.Random(seed_for(rel)).shuffle(order)
+        local_count = Counter()
+        chosen = []
+        for i in order:
+            if len(chosen) == PER_REPORT:
+                break
+            text = records[i]["answer"].strip()
+            if local_count[text] >= PER_REPORT_DUP or global_count[text] >= GLOBAL_DUP:
+                continue
+            local_count[text] += 1
+            global_count[text] += 1
+            chosen.append(i)
+        for i in sorted(chosen):
+            r = records[i]
+            out.append({"id": f"{report_id(rel)}#{i}", "report": rel, "index": i, "prompt": r["prompt"],
+                        "area": r.get("area"), "answer": r["answer"], "split": split})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/judge_selection.jsonl")
+    args = ap.parse_args()
+    rows = select()
+    with open(args.out, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{len(rows)} answers from {len(REPORTS)} reports -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
