@@ -19,17 +19,32 @@ LOG = logging.getLogger("cwac_plugin")
 PLUGIN_NAME = "cwac_plugin.CWACPlugin"
 
 
+# Precompute runs plain forwards on one process over the whole model: the training config's
+# sharding would load it partitioned (ZeRO-3: empty weights outside DeepSpeed's forward), and
+# Axolotl's fused LoRA kernels (on by default on CUDA) bypass the modules whose inputs it reads.
+PRECOMPUTE_DROPS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+PRECOMPUTE_KERNELS_OFF = {k: False for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")}
+
+
 def load_axolotl_config(config: Path):
     """Axolotl's own loader: registers plugins before validation, so the `cwac` block survives.
 
     The CWAC plugin itself is then unregistered: its training hooks would demand the artifacts
-    these commands are about to create. Other plugins stay, so the model loads as in training.
+    these commands are about to create. Other plugins stay, so the model loads as in training,
+    at the same precision and quantisation, but whole and without fused kernels.
     """
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    import yaml
     from axolotl.cli.config import load_cfg
     from axolotl.integrations.base import PluginManager
+    from axolotl.utils.dict import DictDefault
 
-    cfg = load_cfg(str(config))
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    for key in PRECOMPUTE_DROPS:
+        raw.pop(key, None)
+    if raw.get("adapter"):
+        raw |= PRECOMPUTE_KERNELS_OFF
+    cfg = load_cfg(DictDefault(raw))
     if PLUGIN_NAME not in (cfg.plugins or []):
         raise click.UsageError(f"{config}: add `{PLUGIN_NAME}` to `plugins:` so the cwac block is validated")
     PluginManager.get_instance().plugins.pop(PLUGIN_NAME, None)
@@ -134,10 +149,14 @@ def features(config: Path, output: Path | None, top: int):
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter to merge into --model.")
 @click.option("--prompts", required=True, type=click.Path(path_type=Path), help="Harmful prompts: jsonl (`prompt`) or text.")
 @click.option("--task", type=click.Path(path_type=Path), help="Task test set: jsonl with `prompt` and `answer` (gives FA).")
-@click.option("--task-match", type=click.Choice(["contains", "exact", "first_word"]), default="contains", show_default=True)
-@click.option("--benign", type=click.Path(path_type=Path), help="Benign prompts (gives the over-refusal rate).")
+@click.option(
+    "--task-match", type=click.Choice(["first", "first_number", "first_word", "contains", "exact"]), default="first",
+    show_default=True,
+    help="first: the answer's first number (numeric answers) or first word; contains: as a whole word; exact.",
+)
+@click.option("--benign", type=click.Path(path_type=Path), help="Benign prompts (gives over-refusal and helpfulness).")
 @click.option("--judge", default="phrase", show_default=True, help="'phrase' or 'hf:MODEL_DIR' (a text classifier).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="For harmful and benign prompts.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="For harmful and benign prompts.")
 @click.option("--task-max-new-tokens", type=int, default=16, show_default=True, help="For task prompts (short answers).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report JSON to write.")
@@ -163,6 +182,32 @@ def eval_command(
     write_json_atomically(out, report)
     summary = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+
+
+@cwac.command()
+@click.option("--base", required=True, type=click.Path(exists=True, file_okay=False), help="The aligned model (HF directory).")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Saved LoRA/QLoRA adapter directory.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Saved fully fine-tuned model.")
+@click.option("--subspace", "subspace_path", required=True, type=click.Path(path_type=Path), help="The subspace file.")
+@click.option("--tolerance", type=float, help="Largest leakage that passes [1e-5; a half-precision save's roundoff].")
+@click.option("--allow-partial", is_flag=True, help="Pass even if changed decoder weights are unprotected.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
+def verify(base, adapter, model_dir, subspace_path, tolerance, allow_partial, out):
+    """Check from saved artifacts alone that a fine-tune kept out of the subspace; exit 1 if not."""
+    from cwac_plugin.data import write_json_atomically
+    from cwac_plugin.subspace import Subspace
+    from cwac_plugin.verify import verify as verify_update
+
+    result = verify_update(Subspace.load(subspace_path, key="--subspace"), base, adapter, model_dir)
+    click.echo(result.table())
+    tolerance = result.default_tolerance if tolerance is None else tolerance
+    failures = result.failures(tolerance, allow_partial)
+    if out:
+        write_json_atomically(out, {**result.summary(), "tolerance": tolerance, "passed": not failures})
+    if failures:
+        click.echo("FAILED: " + "; ".join(failures), err=True)
+        sys.exit(1)
+    click.echo(f"passed: leakage within {tolerance:.0e}")
 
 
 def main():

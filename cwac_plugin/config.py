@@ -11,7 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Llama-style names, and the fused projections of Phi-3 (qkv_proj, gate_up_proj) and GPT-NeoX/Falcon
+# (query_key_value): linear modules like the others, whose input side needs nothing special.
+DEFAULT_TARGET_MODULES = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+    "query_key_value",
+]
 
 
 class CWACConfig(BaseModel):
@@ -94,8 +99,18 @@ class CWACConfig(BaseModel):
     )
     log_leakage: bool = Field(
         default=True,
-        description="Log cwac/leakage (||dW U||/||dW||) at every logging step. Full fine-tuning keeps "
-        "a CPU copy of the protected weights for the denominator.",
+        description="Log cwac/leakage (||dW U||/||dW||) at every logging step. Under full fine-tuning "
+        "the denominator comes from a 32-column sketch of the initial weights (a few % off).",
+    )
+    allow_partial: bool = Field(
+        default=False,
+        description="Train even though the subspace protects less than 90% of the trainable decoder "
+        "parameters (a layer subset, unmatched fused or expert weights): the rest trains unconstrained.",
+    )
+    allow_precision_mismatch: bool = Field(
+        default=False,
+        description="Accept a subspace computed at another weight precision than training's (e.g. on the "
+        "4-bit model for a bf16 run, when the model is too large to load at training precision).",
     )
 
     activation_constraint: bool = Field(
@@ -146,7 +161,8 @@ class CWACConfig(BaseModel):
     act_skip_first: int = Field(
         default=0,
         ge=0,
-        description="Leading positions of each sequence left out of the penalty (the first token is an "
+        description="Leading positions of each sequence (of each packed sequence, by position_ids) left out "
+        "of the penalty (the first token is an "
         "attention sink whose residual norm dwarfs the others).",
     )
     sae_width: int | None = Field(

@@ -11,15 +11,20 @@ class and any other plugin, where a custom trainer class would not.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 from transformers import Trainer, TrainerCallback
 
+from cwac_plugin.data import write_json_atomically
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint
 
 LOG = logging.getLogger(__name__)
+REPORT_NAME = "cwac_report.json"
 
 
 class CWACCallback(TrainerCallback):
@@ -29,13 +34,19 @@ class CWACCallback(TrainerCallback):
     the step inside `backward` and the Trainer's own `optimizer.step()` is a no-op.
     """
 
-    def __init__(self, weight: WeightConstraint | None, activation: ActivationConstraint | None):
+    def __init__(
+        self, weight: WeightConstraint | None, activation: ActivationConstraint | None, settings: BaseModel | None = None
+    ):
         self.weight = weight
         self.activation = activation
+        self.settings = settings
+        self.last_logged: dict[str, float] = {}
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        # After a resume's checkpoint load: the constraints were built from the initial weights.
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # After `accelerator.prepare` and a resume's checkpoint load: the constraints were built
+        # from the initial weights, and must still be bound to the tensors the optimizer steps.
         if self.weight is not None:
+            self.weight.check_bound(model, optimizer)
             self.weight.attach()
         if self.activation is not None:
             self.activation.check_resume(state.global_step)
@@ -49,6 +60,34 @@ class CWACCallback(TrainerCallback):
             self.weight.detach()
         if self.activation is not None:
             self.activation.remove()
+        report = self.report(state.global_step)  # every rank: a collective read under ZeRO-3
+        if state.is_world_process_zero:
+            write_json_atomically(Path(args.output_dir) / REPORT_NAME, report)
+
+    def report(self, global_step: int) -> dict:
+        """What the saved model carries as its own evidence; `cwac verify` checks it independently."""
+        report: dict = {
+            "format": "cwac-report/1",
+            "global_step": global_step,
+            "settings": self.settings.model_dump() if self.settings is not None else None,
+            "last_logged": self.last_logged,
+        }
+        if self.weight is not None:
+            leakage = self.weight.leakage()
+            subspace = Path(self.weight.subspace_path)
+            report["weight_constraint"] = {
+                "subspace": str(subspace),
+                "subspace_sha256": hashlib.sha256(subspace.read_bytes()).hexdigest() if subspace.is_file() else None,
+                "mode": self.weight.mode,
+                "modules": len(self.weight.module_names),
+                "coverage": self.weight.coverage.share,
+                "coverage_detail": self.weight.coverage.describe(),
+                "unprotected": self.weight.coverage.unprotected,
+                "precision_mismatch": self.weight.precision_mismatch,
+                "final_leakage": leakage.input_leakage,
+                "final_output_leakage": leakage.output_leakage,
+            }
+        return report
 
 
 def aux_loss_scale(trainer: Trainer, num_items_in_batch) -> float:
@@ -103,9 +142,13 @@ def install(
     weight: WeightConstraint | None = None,
     activation: ActivationConstraint | None = None,
     log_leakage: bool = True,
+    settings: BaseModel | None = None,
 ) -> CWACCallback:
-    """Add the callback, the activation penalty to `compute_loss`, and cwac/* metrics to `log`."""
-    callback = CWACCallback(weight, activation)
+    """Add the callback, the activation penalty to `compute_loss`, and cwac/* metrics to `log`.
+
+    The callback writes `cwac_report.json` into the output directory when training ends, with
+    `settings` (the `cwac` block) in it when given."""
+    callback = CWACCallback(weight, activation, settings)
     trainer.add_callback(callback)
     metrics = _ActivationMetrics()
 
@@ -142,6 +185,7 @@ def install(
                     extra |= leakage_metrics(weight)
                 if activation is not None:
                     extra |= metrics.pop(trainer.args.device)
+                callback.last_logged = extra
                 logs = {**logs, **extra}
             return original_log(logs, *args, **kwargs)
 

@@ -7,6 +7,7 @@ from axolotl.utils.logging import get_logger
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example
+from cwac_plugin.guards import MIN_COVERAGE, refuse_unsupported
 from cwac_plugin.hf import install
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint, FeatureSet, SAEConfigError, load_anchor_examples, load_sae
@@ -45,6 +46,7 @@ class CWACPlugin(BasePlugin):
     def pre_model_load(self, cfg):
         """Read every artifact now: a missing or malformed file fails before the model is loaded."""
         settings = settings_from(cfg)
+        refuse_unsupported(cfg)
         if settings.weight_constraint:
             self.subspace = Subspace.load(settings.subspace)
             check_settings_match(self.subspace, settings)
@@ -65,15 +67,27 @@ class CWACPlugin(BasePlugin):
         settings = settings_from(cfg)
         if settings.weight_constraint:
             check_model_matches(self.subspace, trainer.model)
-            self.weight = WeightConstraint(trainer.model, self.subspace, settings.projection, settings.log_leakage)
+            self.weight = WeightConstraint(
+                trainer.model,
+                self.subspace,
+                settings.projection,
+                settings.log_leakage,
+                allow_partial=settings.allow_partial,
+                allow_precision_mismatch=settings.allow_precision_mismatch,
+            )
             frozen = len(self.weight.frozen_modules)
             LOG.info(
-                "CWAC weight constraint (%s mode) on %d modules from %s%s",
+                "CWAC weight constraint (%s mode) on %d modules from %s, covering %s%s",
                 settings.projection,
                 len(self.weight.module_names),
                 self.subspace.path,
+                self.weight.coverage.describe(),
                 f"; {frozen} protected modules are frozen" if frozen else "",
             )
+            if self.weight.coverage.share < MIN_COVERAGE:
+                LOG.warning("cwac.allow_partial: %s train unconstrained", ", ".join(self.weight.coverage.unprotected[:8]))
+            if self.weight.precision_mismatch:
+                LOG.warning("cwac.allow_precision_mismatch: %s", self.weight.precision_mismatch)
         else:
             LOG.warning("cwac.weight_constraint is false: weight updates are not constrained")
         if settings.activation_constraint:
@@ -91,9 +105,11 @@ class CWACPlugin(BasePlugin):
                 settings.act_lambda,
                 settings.act_anchor,
             )
-        install(trainer, self.weight, self.activation, settings.log_leakage)
+        install(trainer, self.weight, self.activation, settings.log_leakage, settings)
 
     def post_train(self, cfg, model):
+        """Axolotl calls this twice, the second time after the process group is gone: removing
+        hooks is idempotent and needs no collective."""
         if self.weight is not None:
             self.weight.detach()
         if self.activation is not None:

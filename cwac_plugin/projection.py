@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from cwac_plugin.guards import coverage_of
 from cwac_plugin.subspace import (
     Subspace,
     SubspaceError,
     base_model_of,
+    check_precision_matches,
     is_lora_wrapper,
     linear_of,
     resolve_modules,
@@ -79,14 +81,20 @@ def _gathered(param: Tensor, modify: bool) -> Iterator[None]:
         yield
 
 
+def read_model_param(param: Tensor) -> Tensor:
+    """The full parameter the forward runs and a save writes (DeepSpeed's bf16 copy, not its fp32
+    master), in float32. Collective under ZeRO-3."""
+    with _gathered(param, modify=False):
+        return param.data.detach().float().clone()
+
+
 def read_full_param(param: Tensor) -> Tensor:
-    """The full parameter in float32 (the master copy under ZeRO). Collective under ZeRO."""
+    """The full parameter in float32 as the optimizer holds it (the master copy under ZeRO)."""
     if _owned_by_deepspeed_optimizer(param):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param).detach().float()
-    with _gathered(param, modify=False):
-        return param.data.detach().float().clone()
+    return read_model_param(param)
 
 
 @torch.no_grad()
@@ -249,10 +257,19 @@ class WeightConstraint:
     once, then `enforce()` after every optimizer step in update mode.
     """
 
-    def __init__(self, model: nn.Module, subspace: Subspace, mode: str = "update", log_leakage: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        subspace: Subspace,
+        mode: str = "update",
+        log_leakage: bool = True,
+        allow_partial: bool = False,
+        allow_precision_mismatch: bool = False,
+    ):
         if mode not in ("update", "gradient"):
             raise ValueError(f"cwac.projection must be 'update' or 'gradient', got {mode!r}")
         self.mode = mode
+        self.subspace_path = subspace.path
         self._hooks: list = []
         self._full: dict[str, _FullModule] = {}
         self._sketches: dict[tuple[int, torch.device], Tensor] = {}
@@ -261,6 +278,7 @@ class WeightConstraint:
 
         modules = resolve_modules(base_model_of(model), subspace.module_names, source=subspace.path)
         subspace.check_shapes(modules)
+        self.precision_mismatch = check_precision_matches(subspace, modules, allow_precision_mismatch)
         for name, module in modules.items():
             device = self._device_of(module)
             input_basis = subspace.input_basis(name, device)
@@ -287,6 +305,13 @@ class WeightConstraint:
                 "lora_target_modules must include some of cwac.target_modules (or use "
                 "lora_target_linear: true); with full fine-tuning, unfreeze them"
             )
+        # Both factors of a protected LoRA module count as protected: V^T B = 0 is only needed
+        # with an output basis, yet dW = s B A is constrained through A alone.
+        self.protected_params = [m.weight.param for m in self._full.values()] + [
+            t.param for lora in self._lora.values() for a, b, _ in lora.factors for t in (a, b)
+        ]
+        self.coverage = coverage_of(model, self.protected_params)
+        self.coverage.check(allow_partial)
 
     @staticmethod
     def _device_of(module: nn.Module) -> torch.device:
@@ -296,8 +321,8 @@ class WeightConstraint:
     def _bind_lora(self, name: str, module: nn.Module, input_basis: Tensor | None, output_basis: Tensor | None):
         if getattr(module, "use_dora", {}) and any(module.use_dora.values()):
             raise SubspaceError(
-                f"{name}: DoRA (lora_use_dora) changes the weight through a magnitude vector that "
-                "CWAC cannot project; use plain LoRA"
+                f"{name}: DoRA (peft_use_dora) changes the weight through a magnitude vector that "
+                "CWAC cannot project; set peft_use_dora: false (plain LoRA)"
             )
         factors = []
         for adapter in module.active_adapters:
@@ -307,6 +332,15 @@ class WeightConstraint:
             lora_b = module.lora_B[adapter].weight
             if not (lora_a.requires_grad or lora_b.requires_grad):
                 continue
+            if read_model_param(lora_b).count_nonzero():
+                # dW = s (B A - B0 A0): projecting A0 would remove the protected part of the
+                # effective weight before the first step, and the metric on s B A could not see it.
+                raise SubspaceError(
+                    f"{name}: adapter {adapter!r} does not start at zero (B != 0), as after PiSSA, OLoRA, "
+                    "CorDA, EVA or LoftQ initialisation (peft_init_lora_weights, peft.loftq_config) or a "
+                    "loaded adapter (lora_model_dir); CWAC constrains updates from B A = 0. Use PEFT's "
+                    "default init, or merge a trained adapter into the base model first"
+                )
             # A U = 0 and V^T B = 0 suffice for dW = s B A; the metric needs both factors.
             factors.append(
                 (
@@ -344,6 +378,27 @@ class WeightConstraint:
     def module_names(self) -> list[str]:
         return [*self._full, *self._lora]
 
+    def check_bound(self, model: nn.Module, optimizer=None) -> None:
+        """Refuse to train if the tensors bound at construction are no longer the ones trained.
+
+        A wrapper that swaps parameters after the constraint was built (FSDP's fully_shard makes
+        DTensors of them at `accelerator.prepare`) would leave it projecting tensors nobody uses
+        while the log reads zero leakage.
+        """
+        current = {id(p) for p in base_model_of(model).parameters()}
+        stepped = None
+        # DeepSpeed's optimizer steps flat fp32 partitions, not the model's tensors
+        if optimizer is not None and not _managed_by_deepspeed(self.tensors[0].param):
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for tensor in self.tensors:
+            if id(tensor.param) not in current or (stepped is not None and id(tensor.param) not in stepped):
+                raise SubspaceError(
+                    f"{tensor.module_name}: the parameter the weight constraint was bound to is no longer "
+                    f"the one {'the model holds' if id(tensor.param) not in current else 'the optimizer steps'} "
+                    "(a wrapper such as FSDP replaced it after the trainer was built), so the constraint "
+                    "would do nothing. Train without that wrapper (DeepSpeed ZeRO is supported)"
+                )
+
     def attach(self) -> None:
         """Project the starting point (LoRA's random A) and, in gradient mode, hook the gradients."""
         for stack in self._factor_stacks:
@@ -369,14 +424,17 @@ class WeightConstraint:
     def leakage(self) -> LeakageReport:
         """||dW U||_F / ||dW||_F (and ||V^T dW||_F / ||dW||_F), summed over protected modules.
 
-        Exact for LoRA; under full fine-tuning ||dW||_F comes from the sketch (see `_FullModule`).
+        Measured on the weights the forward runs and a save writes: under DeepSpeed with bf16 those
+        are the bf16 copies of its fp32 master, which the projection keeps exact, and they leak by
+        their rounding. Exact for LoRA; under full fine-tuning ||dW||_F comes from the sketch (see
+        `_FullModule`).
         """
         report = LeakageReport()
         for name, full in self._full.items():
             if full.sketch is None:
                 continue
             tensor = full.weight
-            weight = read_full_param(tensor.param)
+            weight = read_model_param(tensor.param)
             update_sq = full.update_sq(weight)
             input_sq = output_sq = 0.0
             if tensor.input_basis is not None:
@@ -387,8 +445,8 @@ class WeightConstraint:
         for name, lora in self._lora.items():
             update_sq = input_sq = output_sq = 0.0
             for lora_a, lora_b, scaling in lora.factors:
-                a = read_full_param(lora_a.param)
-                b = read_full_param(lora_b.param)
+                a = read_model_param(lora_a.param)
+                b = read_model_param(lora_b.param)
                 # ||s B A X||_F^2 = s^2 tr((B^T B)(A X)(A X)^T): r x r work instead of d_out x d_in.
                 btb = b.T @ b
                 update_sq += scaling**2 * torch.trace(btb @ (a @ a.T)).item()

@@ -575,6 +575,7 @@ class ActivationConstraint:
             self._next_anchor += 1
             z = self._encode(run_and_capture(model, self.tap, batch))
             mask = batch["attention_mask"].bool()
+            positions = None
         else:
             if not training_hidden:
                 raise SAEConfigError(f"cwac.hook_point {self.tap.hook_point}: the hook did not fire in the training forward")
@@ -582,9 +583,11 @@ class ActivationConstraint:
             with torch.no_grad(), self._aligned(model):
                 z_ref = self._encode(run_and_capture(model, self.tap, inputs))
             mask = inputs.get("attention_mask", torch.ones(z.shape[:-1], device=z.device)).bool()
+            positions = inputs.get("position_ids")  # restart at each packed sequence (sample_packing)
         if self.skip_first:
-            mask = mask.clone()
-            mask[..., : self.skip_first] = False
+            if positions is None:
+                positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+            mask = mask & (positions.to(mask.device) >= self.skip_first)
         loss, drift = feature_drift_loss(z, z_ref, mask, self.scale)
         return self.lam * loss, drift
 

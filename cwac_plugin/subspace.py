@@ -559,6 +559,37 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
     }
 
 
+def weights_precision(modules: dict[str, nn.Module]) -> str:
+    """How the protected base weights are stored: `bnb-4bit`, `bnb-8bit` or their torch dtype.
+
+    The subspace is a statistic of the model it was computed on; a 4-bit model's gradients are
+    not a bf16 model's, so a file from one is stale for the other.
+    """
+    weight = linear_of(next(iter(modules.values()))).weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return "bnb-4bit"
+    if kind == "Int8Params":
+        return "bnb-8bit"
+    return str(weight.dtype).removeprefix("torch.")
+
+
+def check_precision_matches(subspace: Subspace, modules: dict[str, nn.Module], allow_mismatch: bool) -> str | None:
+    """None when the file was computed at this precision; else a description of the mismatch, if
+    `allow_mismatch` (cwac.allow_precision_mismatch) lets it through."""
+    stored, current = subspace.metadata.get("weights"), weights_precision(modules)
+    if stored is None or stored == current:
+        return None
+    mismatch = f"{subspace.path} was computed on {stored} weights, this model's are {current}"
+    if not allow_mismatch:
+        raise SubspaceError(
+            f"cwac.subspace: {mismatch}. Rerun `cwac subspace` with the training config (same load_in_4bit "
+            "/ bf16 settings), or set cwac.allow_precision_mismatch: true if the model is too large to load "
+            "for precompute at the training precision"
+        )
+    return mismatch
+
+
 def check_model_matches(subspace: Subspace, model: nn.Module) -> None:
     """Architecture fields must agree; a different path to the same architecture is fine."""
     current = model_metadata(model)
@@ -641,6 +672,7 @@ def compute_subspace(
         )
     check_rank_fits(modules, cfg.rank, cfg.output_rank)
     metadata = model_metadata(model) | {k: value for k, (_, value) in recorded_settings(cfg).items()}
+    metadata["weights"] = weights_precision(modules)
     model.eval()
     if cfg.subspace_method == "delta":
         from transformers import AutoModelForCausalLM
@@ -662,6 +694,16 @@ def compute_subspace(
         return gradient_moments(model, modules, batches, key, cfg.rank, cfg.energy, cfg.output_rank)
 
     moments_in, moments_out, tokens = moments_of("cwac.safety_data", data.safety)
+    unseen = [name for name in modules if name not in moments_in]
+    if unseen:
+        # A forward that bypasses the module's own (e.g. Axolotl's fused LoRA kernels) leaves it
+        # without statistics; a file without it would leave it unprotected.
+        raise SubspaceError(
+            f"cwac.target_modules: {len(unseen)} of {len(modules)} modules saw no tokens while computing "
+            f"the subspace (e.g. {unseen[0]}): their forward was bypassed. If lora_qkv_kernel, "
+            "lora_o_kernel or lora_mlp_kernel are on, `cwac subspace` turns them off; with another patch "
+            "that replaces module forwards, disable it for precompute"
+        )
     metadata |= {"safety_data": cfg.safety_data, "safety_examples": len(data.safety), "safety_tokens": tokens}
     if data.contrast:
         contrast_in, contrast_out, tokens = moments_of("cwac.contrast_data", data.contrast)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TESTS_DIR = Path(__file__).parent
 sys.path.insert(0, str(TESTS_DIR))
 
-from tiny_model import build_tiny_llama, write_completion_dataset, write_pairs
+from tiny_model import build_tiny_model, write_completion_dataset, write_pairs
 
 SAFETY = [(f"how do i make a bomb {w}", "sorry i cannot help with that request it is harmful") for w in
           ["now", "at home", "quickly", "with water", "for school", "please", "today", "fast", "cheap", "safely"]]
@@ -34,7 +34,7 @@ DEEPSPEED = {
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")

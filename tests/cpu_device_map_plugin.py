@@ -1,8 +1,9 @@
-"""Test-only Axolotl plugin: lets ZeRO-2 load a model on CPU-only machines.
+"""Test-only Axolotl plugin: lets multi-process and bf16 runs work on CPU-only machines.
 
 With world size > 1 Axolotl sets `device_map` to the integer local rank, which means a CUDA
 device; without CUDA, loading fails. `register` runs before `device_map` is set (earlier than
-`pre_model_load`), so it wraps the method that sets it.
+`pre_model_load`), so it wraps the method that sets it. With `bf16: true` transformers' training
+arguments refuse a machine without a bf16 GPU unless `use_cpu` is set, which Axolotl never passes.
 """
 
 import torch
@@ -24,3 +25,6 @@ class CPUDeviceMapPlugin(BasePlugin):
 
         set_device_map_config._cpu_patched = True
         ModelLoader._set_device_map_config = set_device_map_config
+
+    def get_training_args(self, cfg):
+        return None if torch.cuda.is_available() else {"use_cpu": True}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_e2e_weight_constraint import LORA, TORCHRUN, leakage_of, trained_deltas
+from test_e2e_weight_constraint import LORA, TORCHRUN, check_verified
 
 from cwac_plugin.data import Batches, Example
 from cwac_plugin.sae import FeatureSet, ResidualTap
@@ -111,9 +111,7 @@ def test_coupled_cwac_run(tmp_path, tiny_model, data_files, artifacts, subspace_
     proc = check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
     assert "CWAC weight constraint (update mode)" in proc.stdout + proc.stderr
     assert "CWAC activation constraint: 8 SAE features at blocks.1.hook_resid_post" in proc.stdout + proc.stderr
-    subspace = Subspace.load(subspace_file)
-    norm, input_leakage, _ = leakage_of(subspace, trained_deltas(tiny_model, tmp_path / "out", subspace.module_names, True))
-    assert norm > 1e-3 and input_leakage < 1e-5
+    check_verified(tmp_path, tiny_model, subspace_file, saves_adapter=True)
     logged = logged_steps(tmp_path / "out")
     assert all(e["cwac/leakage"] < 1e-5 and e["cwac/act_loss"] >= 0 for e in logged)
     assert any(e["cwac/act_loss"] > 0 for e in logged)

@@ -1,9 +1,7 @@
 """Resume and coexistence with other Axolotl features, through the real `axolotl train`."""
 
 import pytest
-from test_e2e_weight_constraint import LORA, leakage_of, trained_deltas
-
-from cwac_plugin.subspace import Subspace
+from test_e2e_weight_constraint import LORA, check_verified
 
 from conftest import axolotl_config, check_ok, log_history, logged_steps, run
 
@@ -25,11 +23,7 @@ def test_resumed_full_finetune_keeps_both_constraints(tmp_path, tiny_model, data
         check_ok(run(["axolotl", "train", str(config)], cwd=run_dir))
         runs[name] = {entry["step"]: entry for entry in logged_steps(run_dir / "out")}
 
-    subspace = Subspace.load(subspace_file)
-    norm, input_leakage, output_leakage = leakage_of(
-        subspace, trained_deltas(tiny_model, tmp_path / "resumed" / "out", subspace.module_names, adapter=False)
-    )
-    assert norm > 1e-3 and input_leakage < 1e-5 and output_leakage < 1e-5
+    check_verified(tmp_path / "resumed", tiny_model, subspace_file, saves_adapter=False)
     for step in (3, 4):
         resumed, uninterrupted = runs["resumed"][step], runs["uninterrupted"][step]
         assert resumed["cwac/leakage"] < 1e-5
@@ -63,11 +57,7 @@ def test_coexists_with_other_plugins_packing_checkpointing_and_eval(
     proc = check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
     assert "Adding Grokfast callback" in proc.stdout + proc.stderr
 
-    subspace = Subspace.load(subspace_file)
-    norm, input_leakage, output_leakage = leakage_of(
-        subspace, trained_deltas(tiny_model, tmp_path / "out", subspace.module_names, adapter=True)
-    )
-    assert norm > 1e-3 and input_leakage < 1e-5 and output_leakage < 1e-5
+    check_verified(tmp_path, tiny_model, subspace_file, saves_adapter=True)
     assert {2, 4} <= {e["step"] for e in log_history(tmp_path / "out") if "eval_loss" in e}
     logged = logged_steps(tmp_path / "out")
     assert len(logged) == 4

@@ -4,14 +4,11 @@ Every run is a subprocess, as a user runs it. The check reloads the base model a
 model/adapter (merged by PEFT, not by our code) and measures ||dW U|| / ||dW|| against the file.
 """
 
-import math
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from cwac_plugin.subspace import Subspace
 
 from conftest import DEEPSPEED, axolotl_config, check_ok, logged_steps, run
 
@@ -30,41 +27,30 @@ LORA = {
 }
 
 
-def trained_deltas(base_dir: Path, out_dir: Path, names: list[str], adapter: bool) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    base = load_file(str(base_dir / "model.safetensors"))
-    if adapter:
-        from peft import PeftModel
-
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        trained = PeftModel.from_pretrained(model, out_dir).merge_and_unload().state_dict()
-    else:
-        trained = load_file(str(out_dir / "model.safetensors"))
-    return {n: trained[f"{n}.weight"].double() - base[f"{n}.weight"].double() for n in names}
+def verify(tmp: Path, base: Path, subspace_file: Path, saves_adapter: bool) -> tuple[subprocess.CompletedProcess, dict]:
+    """`cwac verify` on what training saved, as a reviewer runs it: PEFT merges the adapter."""
+    saved = ["--adapter" if saves_adapter else "--model", str(tmp / "out")]
+    args = ["cwac", "verify", "--base", str(base), *saved, "--subspace", str(subspace_file), "--out", str(tmp / "verify.json")]
+    proc = run(args, cwd=tmp)
+    return proc, json.loads((tmp / "verify.json").read_text())
 
 
-def leakage_of(subspace: Subspace, deltas: dict[str, torch.Tensor]) -> tuple[float, float, float]:
-    update = input_leak = output_leak = 0.0
-    for name, delta in deltas.items():
-        update += delta.square().sum().item()
-        input_leak += (delta @ subspace.input_bases[name].double()).square().sum().item()
-        if name in subspace.output_bases:
-            output_leak += (subspace.output_bases[name].double().T @ delta).square().sum().item()
-    return math.sqrt(update), math.sqrt(input_leak / update), math.sqrt(output_leak / update)
+def check_verified(tmp: Path, base: Path, subspace_file: Path, saves_adapter: bool, tolerance: float = 1e-5) -> dict:
+    proc, result = verify(tmp, base, subspace_file, saves_adapter)
+    check_ok(proc)
+    assert result["update_norm"] > 1e-3, "the protected weights did not change: no training happened"
+    assert result["input_leakage"] < tolerance and result["output_leakage"] < tolerance
+    assert result["coverage"] > 0.99
+    report = json.loads((tmp / "out" / "cwac_report.json").read_text())
+    assert report["weight_constraint"]["final_leakage"] < tolerance
+    return result
 
 
 def train_and_check(tmp, tiny_model, data_files, subspace_file, saves_adapter: bool, launcher=(), cwac=None, **overrides):
     cwac = {"subspace": str(subspace_file), **(cwac or {})}
     config = axolotl_config(tmp, tiny_model, data_files, cwac=cwac, **overrides)
     check_ok(run(["axolotl", "train", str(config), *launcher], cwd=tmp))
-    subspace = Subspace.load(subspace_file)
-    norm, input_leakage, output_leakage = leakage_of(
-        subspace, trained_deltas(tiny_model, tmp / "out", subspace.module_names, saves_adapter)
-    )
-    assert norm > 1e-3, "the protected weights did not change: no training happened"
-    assert input_leakage < 1e-5
-    assert output_leakage < 1e-5
+    check_verified(tmp, tiny_model, subspace_file, saves_adapter)
     logged = [entry["cwac/leakage"] for entry in logged_steps(tmp / "out")]
     assert len(logged) == 4 and max(logged) < 1e-5
     return config
@@ -74,11 +60,9 @@ def test_lora_without_plugin_leaks(tmp_path, tiny_model, data_files, subspace_fi
     """The same run without CWAC moves the protected directions: the check above can fail."""
     config = axolotl_config(tmp_path, tiny_model, data_files, cwac=None, **LORA)
     check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
-    subspace = Subspace.load(subspace_file)
-    _, input_leakage, output_leakage = leakage_of(
-        subspace, trained_deltas(tiny_model, tmp_path / "out", subspace.module_names, adapter=True)
-    )
-    assert input_leakage > 1e-2 and output_leakage > 1e-2
+    proc, result = verify(tmp_path, tiny_model, subspace_file, saves_adapter=True)
+    assert proc.returncode == 1 and "FAILED: input leakage" in proc.stderr
+    assert result["input_leakage"] > 1e-2 and result["output_leakage"] > 1e-2 and not result["passed"]
 
 
 def test_lora(tmp_path, tiny_model, data_files, subspace_file):

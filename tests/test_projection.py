@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from cwac_plugin.config import DEFAULT_TARGET_MODULES
 from cwac_plugin.projection import WeightConstraint, project_input_side, project_output_side
 from cwac_plugin.subspace import Subspace, SubspaceError
 
@@ -60,7 +61,7 @@ def random_subspace(model: nn.Module, k: int = 4, k_out: int = 3, seed: int = 0)
 
     g = torch.Generator().manual_seed(seed)
     inputs, outputs = {}, {}
-    for name, module in find_target_modules(model, ["q_proj", "v_proj", "down_proj"]).items():
+    for name, module in find_target_modules(model, DEFAULT_TARGET_MODULES).items():
         d_out, d_in = module_dims(module)
         inputs[name] = orthonormal(d_in, k, g)
         if k_out:
@@ -143,7 +144,7 @@ def test_full_finetuning_holds_no_copy_of_the_weights():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=4))
     constraint = WeightConstraint(model, random_subspace(model))
-    assert len(constraint._full) == 3
+    assert len(constraint._full) == 7
     for full in constraint._full.values():
         tensor = full.weight
         held = [full.sketch, full.initial_sketched, tensor.input_basis, tensor.output_basis, tensor.input_target, tensor.output_target]
@@ -176,12 +177,7 @@ def test_lora_factors_are_projected(mode):
     base = tiny_llama()
     subspace = random_subspace(base)
     before = initial_weights(base, subspace)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    # LoRA's B starts at zero; make it non-zero so that an unprojected start would leak
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_TARGET_MODULES))
     constraint = WeightConstraint(model, subspace, mode=mode)
     constraint.attach()
     if mode == "update":
@@ -205,7 +201,7 @@ def test_lora_factors_are_projected_with_one_batched_product_per_shape(dtype):
 
     base = tiny_llama()
     subspace = random_subspace(base)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])).to(dtype)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_TARGET_MODULES)).to(dtype)
     constraint = WeightConstraint(model, subspace)
     with torch.no_grad():
         for tensor in constraint.tensors:
@@ -215,7 +211,7 @@ def test_lora_factors_are_projected_with_one_batched_product_per_shape(dtype):
         constraint.enforce()
     products = sum(e.count for e in profiler.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::baddbmm_"))
     shapes = {(t.param.shape, t.input_basis is None) for t in constraint.tensors}
-    assert len(constraint.tensors) == 12 and len(shapes) == 4  # A: 32 (q, v) and 48 wide; B: 32 (q, down) and 16 tall
+    assert len(constraint.tensors) == 28 and len(shapes) == 5  # A: 32 and 48 (down) wide; B: 32, 16 (k, v), 48 (gate, up) tall
     assert products == 2 * len(shapes)
     assert all(torch.allclose(t.param, e, atol=1e-6) for t, e in zip(constraint.tensors, expected))
 
@@ -245,7 +241,7 @@ def test_half_precision_lora_is_exact_with_float32_bases(dtype):
 
     base = tiny_llama().to(dtype)
     subspace = random_subspace(base)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_TARGET_MODULES))
     constraint = WeightConstraint(model, subspace)
     assert all(
         basis.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""Builds a tiny random Llama with a trained byte-level BPE tokenizer, fully offline.
+"""Builds a tiny random decoder (Llama, Phi-3 or Mixtral) with a trained byte-level BPE tokenizer, fully offline.
 
 The e2e tests need a real checkpoint directory that `axolotl train` and
 `AutoModelForCausalLM.from_pretrained` accept; no hub is reachable, so we make one.
@@ -31,10 +31,18 @@ def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(n_lines)]
 
 
-def build_tiny_llama(path: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+# Llama; Phi-3 with fused qkv_proj / gate_up_proj; Mixtral with its experts as 3-D parameters.
+ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+                 "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+
+
+def build_tiny_model(
+    path: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, architecture: str = "llama"
+) -> Path:
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -57,7 +65,10 @@ def build_tiny_llama(path: str | Path, hidden_size: int = 64, num_layers: int = 
     hf_tok.save_pretrained(path)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_cls, model_cls = (getattr(transformers, name) for name in ARCHITECTURES[architecture])
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2} if architecture == "mixtral" else {}
+    config = config_cls(
+        **experts,
         vocab_size=len(hf_tok),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -70,7 +81,7 @@ def build_tiny_llama(path: str | Path, hidden_size: int = 64, num_layers: int = 
         pad_token_id=hf_tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    model_cls(config).save_pretrained(path, safe_serialization=True)
     return path
 
 

@@ -1,0 +1,113 @@
+"""The configurations users run, through the real `cwac subspace`, `axolotl train` and `cwac verify`.
+
+Every cell ends one of two ways: `cwac verify` on the saved output passes (leakage below 1e-5, or a
+half-precision save's roundoff), or training stops before its first step with the key at fault
+named. No cell may train and leave `cwac verify` failing. Cells already run elsewhere (full FT, LoRA,
+QLoRA, ZeRO-2 full FT, ZeRO-3 LoRA in test_e2e_weight_constraint.py; the activation constraint in
+test_e2e_activation_constraint.py) are not repeated; together they cover every value of each axis.
+"""
+
+import pytest
+from test_e2e_weight_constraint import LORA, TORCHRUN, check_verified
+
+from conftest import DEEPSPEED, axolotl_config, check_ok, logged_steps, run
+from tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+CPU_RANKS = ["cwac_plugin.CWACPlugin", "cpu_device_map_plugin.CPUDeviceMapPlugin"]  # see that plugin's notes
+ZERO1 = {**DEEPSPEED, "zero_optimization": {"stage": 1}}
+ZERO3 = {**DEEPSPEED, "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+ZERO2_BF16 = {**DEEPSPEED, "bf16": {"enabled": True}}
+# What GPU users get by default for LoRA: Axolotl's fused qkv/o kernels (the MLP one needs Triton).
+KERNELS = {"lora_qkv_kernel": True, "lora_o_kernel": True}
+
+HOLDS = {
+    "lora-bf16": ({**LORA, "bf16": True, "plugins": CPU_RANKS}, ()),
+    "lora-kernels": ({**LORA, **KERNELS}, ()),
+    "lora-ddp": ({**LORA, "plugins": CPU_RANKS}, TORCHRUN),
+    "lora-zero1": ({**LORA, "deepspeed": ZERO1, "plugins": CPU_RANKS}, TORCHRUN),
+    "full-zero3": ({"deepspeed": ZERO3}, TORCHRUN),
+    "lora-zero2-bf16": ({**LORA, "bf16": True, "deepspeed": ZERO2_BF16, "plugins": CPU_RANKS}, TORCHRUN),
+    "phi3-fused-full": ({"architecture": "phi3"}, ()),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_model):
+    built = {"llama": tiny_model}
+
+    def get(architecture: str):
+        if architecture not in built:
+            built[architecture] = build_tiny_model(tmp_path_factory.mktemp(architecture) / "model", architecture=architecture)
+        return built[architecture]
+
+    return get
+
+
+def prepared(tmp_path, tiny_models, data_files, overrides: dict, cwac: dict | None = None):
+    """The cell's config, and its subspace computed from that same config, as a user would."""
+    overrides = dict(overrides)
+    model = tiny_models(overrides.pop("architecture", "llama"))
+    config = axolotl_config(tmp_path, model, data_files, cwac=cwac or {}, **overrides)
+    check_ok(run(["cwac", "subspace", str(config)], cwd=tmp_path))
+    return model, config
+
+
+@pytest.mark.parametrize("cell", HOLDS, ids=list(HOLDS))
+def test_cell_holds(cell, tmp_path, tiny_models, data_files):
+    overrides, launcher = HOLDS[cell]
+    model, config = prepared(tmp_path, tiny_models, data_files, overrides)
+    check_ok(run(["axolotl", "train", str(config), *launcher], cwd=tmp_path))
+    subspace = tmp_path / "subspace.safetensors"
+    result = check_verified(tmp_path, model, subspace, saves_adapter="adapter" in overrides, tolerance=2.0**-8)
+    logged = [entry["cwac/leakage"] for entry in logged_steps(tmp_path / "out")]
+    assert len(logged) == 4
+    if overrides.get("bf16"):
+        # The forward runs, and the save holds, bf16 copies: leakage is their rounding, and the log
+        # must say so rather than read the exact fp32 values.
+        assert result["saved_dtype"] == "bfloat16" or "deepspeed" not in overrides
+        assert 0 < logged[-1] < 2.0**-8
+    else:
+        assert result["input_leakage"] < 1e-5 and max(logged) < 1e-5
+    if cell == "lora-kernels":
+        assert "Patched attention class with LoRA optims" in (tmp_path / "out" / "debug.log").read_text()
+
+
+def refused_before_training(proc, tmp_path, key: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert key in output, output[-3000:]
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and "'loss'" not in output
+
+
+# (overrides, the start of the plugin's own message: the key, then why)
+REFUSED = {
+    "fsdp2-lora": (
+        {**LORA, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+        "fsdp_config / fsdp_version: cwac_plugin does not support FSDP yet",
+    ),
+    "dora": ({**LORA, "peft_use_dora": True}, "peft_use_dora: DoRA changes the weight"),
+    "pissa": ({**LORA, "peft_init_lora_weights": "pissa"}, "peft_init_lora_weights: 'pissa' starts the adapter"),
+    "trained-adapter": ({**LORA, "lora_model_dir": "adapter"}, "lora_model_dir: adapter is a trained adapter"),
+}
+
+
+@pytest.mark.parametrize("cell", REFUSED, ids=list(REFUSED))
+def test_cell_is_refused_naming_the_key(cell, tmp_path, tiny_model, data_files, subspace_file):
+    overrides, key = REFUSED[cell]
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"subspace": str(subspace_file)}, **overrides)
+    refused_before_training(run(["axolotl", "train", str(config)], cwd=tmp_path), tmp_path, key)
+
+
+def test_unprotected_experts_are_refused(tmp_path, tiny_models, data_files):
+    """Mixtral: attention is protected, the experts (3-D parameters, most of the decoder) are not."""
+    _, config = prepared(tmp_path, tiny_models, data_files, {"architecture": "mixtral"})
+    refused_before_training(run(["axolotl", "train", str(config)], cwd=tmp_path), tmp_path, "set cwac.allow_partial: true")
+
+
+def test_a_subspace_from_other_precision_is_refused(tmp_path, tiny_model, data_files, subspace_file):
+    """The session's float32 subspace, for a bf16 run."""
+    overrides = {**LORA, "bf16": True, "plugins": CPU_RANKS}
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"subspace": str(subspace_file)}, **overrides)
+    refused_before_training(run(["axolotl", "train", str(config)], cwd=tmp_path), tmp_path, "weights, this model's are bfloat16")
