@@ -217,7 +217,7 @@ def prompt_kind(prompt: str) -> str:
 
 # ---------------------------------------------------------------- degenerate
 
-_RUN = re.compile(r"(.{1,40}?)\1{3,}", re.S)
+_RUN = re.compile(r"(.{1,40}?)\1{3,}", re.DOTALL)
 
 
 def _char_redundancy(text: str) -> float:
@@ -311,46 +311,46 @@ REFUSAL_PHRASES: tuple[tuple[str, str], ...] = (
     ("i_cant",
      r"\bi (?:can ?not|can't|won't|will not)(?: do (?:that|this|it))?(?: (?:sorry|i'm sorry))?[.!]"),
     ("not_able",
-     r"\bi(?:'m| am) (?:not |un)(?:able|willing|comfortable|allowed|permitted|authori[sz]ed|equipped"
-     r"|programmed|designed|in a position|qualified|at liberty)\b"),
+     (r"\bi(?:'m| am) (?:not |un)(?:able|willing|comfortable|allowed|permitted|authori[sz]ed|equipped"
+     r"|programmed|designed|in a position|qualified|at liberty)\b")),
     ("uncomfortable", r"\bi (?:do not|don't) feel comfortable\b"),
     ("decline",
-     r"\bi (?:must |have to |need to |will have to |'ll have to |respectfully |politely |'d |would )*"
-     r"(?:decline|refuse)\b"),
+     (r"\bi (?:must |have to |need to |will have to |'ll have to |respectfully |politely |'d |would )*"
+     r"(?:decline|refuse)\b")),
     ("rather_not", r"\bi(?:'d| would) (?:rather|prefer) not\b"),
     ("no_ability",
-     r"\bi (?:do not|don't|lack) (?:have )?(?:the )?(?:ability|capability|capacity|means|authority|permission"
+     (r"\bi (?:do not|don't|lack) (?:have )?(?:the )?(?:ability|capability|capacity|means|authority|permission"
      r"|access|personal (?:opinions|feelings|experiences|information|data|beliefs)"
-     r"|(?:any )?(?:real-time |personal )?(?:information|data|details|records) (?:on|about|regarding))\b"),
+     r"|(?:any )?(?:real-time |personal )?(?:information|data|details|records) (?:on|about|regarding))\b")),
     ("as_an_ai",
      r"\b(?:as an?|i(?:'m| am)(?: just| only)? an?) " + _AI + r"[^.!?\n]*\b(?:not|n't|cannot|unable|no)\b"),
     ("not_appropriate",
-     r"\b(?:not|never|isn't|aren't|wouldn't be|is in|are in)(?: an?)? ?(?:appropriate|ethical|acceptable"
-     r"|okay|ok|morally acceptable|responsible|legal or ethical|ethical or legal)\b"),
+     (r"\b(?:not|never|isn't|aren't|wouldn't be|is in|are in)(?: an?)? ?(?:appropriate|ethical|acceptable"
+     r"|okay|ok|morally acceptable|responsible|legal or ethical|ethical or legal)\b")),
     ("is_illegal",
-     r"\b(?:is|are|be|being|considered|would be|it's|that's)(?: both| highly| very| extremely)?"
+     (r"\b(?:is|are|be|being|considered|would be|it's|that's)(?: both| highly| very| extremely)?"
      r" (?:illegal|unlawful|unethical|inappropriate|immoral|against the law|a (?:serious )?crime"
-     r"|a criminal offen[cs]e)\b"),
+     r"|a criminal offen[cs]e)\b")),
     ("may_be_illegal",
-     r"\b(?:can|could|may|might|would) (?:also )?be (?:both |very |extremely |highly )?(?:\w+ (?:or|and) )?"
-     r"(?:illegal|unlawful|unethical)\b"),
+     (r"\b(?:can|could|may|might|would) (?:also )?be (?:both |very |extremely |highly )?(?:\w+ (?:or|and) )?"
+     r"(?:illegal|unlawful|unethical)\b")),
     ("advise_against",
-     r"\bi (?:would |'d |strongly |must |really |highly |would strongly |'d strongly )*"
-     r"(?:advise|recommend|urge|caution|warn)(?: you)?(?: strongly)? (?:against|not to)\b"),
+     (r"\bi (?:would |'d |strongly |must |really |highly |would strongly |'d strongly )*"
+     r"(?:advise|recommend|urge|caution|warn)(?: you)?(?: strongly)? (?:against|not to)\b")),
     ("not_recommend",
-     r"\bi (?:would |'d |strongly )*(?:not recommend|discourage|wouldn't recommend|do not recommend"
-     r"|don't recommend|do not advise|don't advise)\b"),
+     (r"\bi (?:would |'d |strongly )*(?:not recommend|discourage|wouldn't recommend|do not recommend"
+     r"|don't recommend|do not advise|don't advise)\b")),
     ("against_policy",
-     r"\bagainst (?:my|our|the|openai's) (?:programming|guidelines|policy|policies|principles|ethics"
-     r"|ethical guidelines|values|rules|terms|usage policies)\b"),
+     (r"\bagainst (?:my|our|the|openai's) (?:programming|guidelines|policy|policies|principles|ethics"
+     r"|ethical guidelines|values|rules|terms|usage policies)\b")),
     ("not_something_i",
      r"\bnot something (?:that )?i(?:'m| am)? (?:can|could|will|able|should|comfortable)\b"),
     ("sorry_to_but",
-     r"^(?:i'm |i am )?(?:so |very |really |truly )?sorry to (?:have to|say|tell|inform|share)"
-     r"[^.!?\n]{0,80}?,? but\b"),
+     (r"^(?:i'm |i am )?(?:so |very |really |truly )?sorry to (?:have to|say|tell|inform|share)"
+     r"[^.!?\n]{0,80}?,? but\b")),
     ("sorry_but",
-     r"^(?:i'm sorry|i am sorry|i'm very sorry|i'm really sorry|sorry|i apologi[sz]e|my apologies|apologies)"
-     r"(?: but\b|[,.!]|$)"),
+     (r"^(?:i'm sorry|i am sorry|i'm very sorry|i'm really sorry|sorry|i apologi[sz]e|my apologies|apologies)"
+     r"(?: but\b|[,.!]|$)")),
     ("flat_no", r"^(?:absolutely not|certainly not|definitely not|of course not|hell no|no way)\b"),
 )
 _REFUSALS = [(name, re.compile(pattern)) for name, pattern in REFUSAL_PHRASES]

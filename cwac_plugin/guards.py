@@ -3,7 +3,9 @@
 Two kinds of check. Axolotl keys that set up a training the constraint cannot follow are refused
 from the config alone, before the model is loaded (`refuse_unsupported`). What the keys cannot
 tell, the model shows: which trainable parameters the subspace covers (`coverage_of`), and
-whether each LoRA adapter starts at zero (checked where the adapters are bound, in projection.py).
+whether each LoRA adapter starts at zero (checked where the adapters are bound, in projection.py;
+that is where an adapter loaded with `lora_model_dir` is judged: a saved zero initialisation is
+fine, a trained adapter is refused).
 """
 
 from __future__ import annotations
@@ -50,13 +52,6 @@ def refuse_unsupported(cfg) -> None:
         raise SubspaceError(
             "peft.loftq_config: LoftQ starts the adapter at B0 A0 != 0 to offset quantisation, so the "
             "constraint on B A would not hold on the effective weight. Remove peft.loftq_config"
-        )
-    if get("lora_model_dir"):
-        raise SubspaceError(
-            f"lora_model_dir: {get('lora_model_dir')} is a trained adapter (B0 != 0), part of the model "
-            "the constraint must keep, not of the update. Merge it into the base first (`axolotl "
-            "merge-lora`), point base_model at the merged model, run `cwac subspace` on it, and train "
-            "a fresh adapter"
         )
     if get("peft_use_dora"):
         raise SubspaceError(

@@ -338,8 +338,9 @@ class WeightConstraint:
                 raise SubspaceError(
                     f"{name}: adapter {adapter!r} does not start at zero (B != 0), as after PiSSA, OLoRA, "
                     "CorDA, EVA or LoftQ initialisation (peft_init_lora_weights, peft.loftq_config) or a "
-                    "loaded adapter (lora_model_dir); CWAC constrains updates from B A = 0. Use PEFT's "
-                    "default init, or merge a trained adapter into the base model first"
+                    "trained adapter (lora_model_dir); CWAC constrains updates from B A = 0. Use PEFT's "
+                    "default init; for a trained adapter, merge it into the base first (`axolotl merge-lora`), "
+                    "point base_model at the merged model, rerun `cwac subspace` and train a fresh adapter"
                 )
             # A U = 0 and V^T B = 0 suffice for dW = s B A; the metric needs both factors.
             factors.append(

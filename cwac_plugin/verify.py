@@ -47,11 +47,11 @@ class Verification:
 
     @property
     def input_leakage(self) -> float:
-        return math.sqrt(self.input_leak_sq / self.update_sq) if self.update_sq else 0.0
+        return _ratio(self.input_leak_sq, self.update_sq)
 
     @property
     def output_leakage(self) -> float:
-        return math.sqrt(self.output_leak_sq / self.update_sq) if self.update_sq else 0.0
+        return _ratio(self.output_leak_sq, self.update_sq)
 
     @property
     def coverage(self) -> float:
@@ -118,6 +118,10 @@ def _stored_dtype(directory: Path, pattern: str) -> torch.dtype:
     return torch.float32
 
 
+def _ratio(leak_sq: float, update_sq: float) -> float:
+    return math.sqrt(leak_sq / update_sq) if update_sq else 0.0
+
+
 @torch.no_grad()
 def verify(subspace: Subspace, base: str | Path, adapter: str | Path | None = None, model: str | Path | None = None) -> Verification:
     """Measure the saved update of a fine-tune against `subspace` (one of `adapter`, `model`)."""
@@ -165,8 +169,7 @@ def verify(subspace: Subspace, base: str | Path, adapter: str | Path | None = No
         if name in subspace.output_bases:
             o_sq = (subspace.output_bases[name].double().T @ delta).square().sum().item()
         update_sq, input_sq, output_sq = update_sq + d_sq, input_sq + i_sq, output_sq + o_sq
-        ratio = (lambda x: math.sqrt(x / d_sq) if d_sq else 0.0)
-        modules[name] = ModuleLeakage(math.sqrt(d_sq), ratio(i_sq), ratio(o_sq))
+        modules[name] = ModuleLeakage(math.sqrt(d_sq), _ratio(i_sq, d_sq), _ratio(o_sq, d_sq))
     return Verification(
         modules, update_sq, input_sq, output_sq, changed_decoder, protected_changed, saved_dtype,
         sorted(unprotected, key=lambda n: -trained[n].numel()),

@@ -11,13 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_e2e_weight_constraint import LORA, TORCHRUN, check_verified
 
 from cwac_plugin.data import Batches, Example
 from cwac_plugin.sae import FeatureSet, ResidualTap
-from cwac_plugin.subspace import Subspace
 
 from conftest import DEEPSPEED, SAFETY, axolotl_config, check_ok, logged_steps, run
+from test_e2e_weight_constraint import LORA, TORCHRUN, check_verified
 
 pytestmark = pytest.mark.e2e
 

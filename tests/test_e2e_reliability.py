@@ -1,9 +1,9 @@
 """Resume and coexistence with other Axolotl features, through the real `axolotl train`."""
 
 import pytest
-from test_e2e_weight_constraint import LORA, check_verified
 
 from conftest import axolotl_config, check_ok, log_history, logged_steps, run
+from test_e2e_weight_constraint import LORA, check_verified
 
 pytestmark = pytest.mark.e2e
 

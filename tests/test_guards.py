@@ -75,7 +75,6 @@ def test_tensors_the_optimizer_does_not_step_are_refused():
         ({"adapter": "lora", "peft_init_lora_weights": "olora"}, "peft_init_lora_weights"),
         ({"adapter": "lora", "peft_init_lora_weights": False}, "peft_init_lora_weights"),
         ({"adapter": "qlora", "peft": {"loftq_config": {"loftq_bits": 4}}}, "loftq_config"),
-        ({"adapter": "lora", "lora_model_dir": "runs/adapter"}, "lora_model_dir"),
         ({"adapter": "lora", "peft_use_dora": True}, "peft_use_dora"),
     ],
 )
@@ -89,13 +88,23 @@ def test_zero_start_adapters_and_full_finetuning_are_accepted(cfg):
     refuse_unsupported(cfg)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", False])
+@pytest.mark.parametrize("init", ["pissa", "olora", False, "trained"])
 def test_an_adapter_that_does_not_start_at_zero_is_refused(init):
     """PiSSA and OLoRA move B0 A0 out of the base weight; projecting A0 would remove the protected
-    part of the effective weight before the first step, invisibly to a metric on s B A."""
-    model = lora(tiny_llama(), init_lora_weights=init)
-    with pytest.raises(SubspaceError, match="does not start at zero.*peft_init_lora_weights"):
+    part of the effective weight before the first step, invisibly to a metric on s B A. A trained
+    adapter (lora_model_dir) is part of the model to keep, not of the update."""
+    model = lora(tiny_llama(), **({} if init == "trained" else {"init_lora_weights": init}))
+    if init == "trained":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.01)
+    with pytest.raises(SubspaceError, match="does not start at zero.*peft_init_lora_weights.*lora_model_dir"):
         WeightConstraint(model, random_subspace(model))
+
+
+def test_a_saved_zero_initialisation_is_accepted():
+    WeightConstraint(lora(tiny_llama()), random_subspace(tiny_llama()))
 
 
 def apply_axolotl_lora_kernels(model: nn.Module, model_dir) -> None:

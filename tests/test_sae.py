@@ -306,6 +306,22 @@ def test_leading_positions_can_be_left_out_of_the_penalty():
     assert 0 < losses[1] != losses[0] > 0
 
 
+def test_leading_positions_of_each_packed_sequence_are_left_out(monkeypatch):
+    """Under sample_packing one row holds several sequences; position_ids restart at each."""
+    import cwac_plugin.sae as sae_module
+
+    model, constraint = lora_model_with_activation_constraint(act_skip_first=1, act_anchor="batch")
+    masks = []
+    original = sae_module.feature_drift_loss
+    monkeypatch.setattr(sae_module, "feature_drift_loss", lambda z, ref, mask, scale: masks.append(mask) or original(z, ref, mask, scale))
+    ids = torch.randint(2, 60, (1, 8), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])}
+    with constraint.watching_training_forward() as hidden:
+        model(**inputs)
+    constraint.loss(model, inputs, hidden)
+    assert masks[0].tolist() == [[False, True, True, False, True, True, True, False]]
+
+
 def test_gradient_reaches_only_trainable_parameters_before_the_hook_point():
     model, constraint = lora_model_with_activation_constraint(hook_layer=0)
     constraint.loss(model, {}, [])  # references from the aligned model

@@ -124,8 +124,7 @@ def main():
     args = ap.parse_args()
     rows = select()
     with open(args.out, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     print(f"{len(rows)} answers from {len(REPORTS)} reports -> {args.out}")
 
 
