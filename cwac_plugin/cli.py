@@ -145,7 +145,7 @@ def features(config: Path, output: Path | None, top: int):
 
 
 @cwac.command("eval")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="HF model directory.")
+@click.option("--model", "model_dir", required=True, help="HF model directory, or a hub id where a hub is reachable.")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter to merge into --model.")
 @click.option("--prompts", required=True, type=click.Path(path_type=Path), help="Harmful prompts: jsonl (`prompt`) or text.")
 @click.option("--task", type=click.Path(path_type=Path), help="Task test set: jsonl with `prompt` and `answer` (gives FA).")
@@ -159,9 +159,13 @@ def features(config: Path, output: Path | None, top: int):
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="For harmful and benign prompts.")
 @click.option("--task-max-new-tokens", type=int, default=16, show_default=True, help="For task prompts (short answers).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Load in this dtype (auto: the checkpoint's).")
+@click.option("--load-in-4bit", is_flag=True, help="Load the model 4-bit (bitsandbytes NF4), as QLoRA trains it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report JSON to write.")
 def eval_command(
-    model_dir, adapter, prompts, task, task_match, benign, judge, max_new_tokens, task_max_new_tokens, batch_size, out
+    model_dir, adapter, prompts, task, task_match, benign, judge, max_new_tokens, task_max_new_tokens, batch_size, dtype,
+    load_in_4bit, out,
 ):
     """Harmful score (and FA, over-refusal) of a model, with per-prompt records."""
     from cwac_plugin.data import write_json_atomically
@@ -173,19 +177,22 @@ def eval_command(
         raise click.UsageError(f"--task: every line of {task} needs a string field 'answer'")
     benign_records = load_prompts(benign, "--benign") if benign else None
     judge_fn = make_judge(judge)
-    model, tokenizer = load_model(model_dir, adapter)
+    model, tokenizer = load_model(model_dir, adapter, dtype, load_in_4bit)
     report = evaluate(
         model, tokenizer, harmful, task_records, benign_records, judge_fn, task_match, max_new_tokens, batch_size,
         task_max_new_tokens,
     )
-    report |= {"model": str(model_dir), "adapter": str(adapter) if adapter else None, "judge": judge}
+    report |= {
+        "model": str(model_dir), "adapter": str(adapter) if adapter else None, "judge": judge,
+        "dtype": str(model.dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
+    }
     write_json_atomically(out, report)
     summary = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
 
 
 @cwac.command()
-@click.option("--base", required=True, type=click.Path(exists=True, file_okay=False), help="The aligned model (HF directory).")
+@click.option("--base", required=True, help="The aligned model: an HF directory, or a hub id where a hub is reachable.")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Saved LoRA/QLoRA adapter directory.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Saved fully fine-tuned model.")
 @click.option("--subspace", "subspace_path", required=True, type=click.Path(path_type=Path), help="The subspace file.")

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 
-from conftest import axolotl_config, run
+from conftest import TESTS_DIR, axolotl_config, run
 
 
 def test_defaults():
@@ -149,3 +149,29 @@ def test_any_block_either_validates_consistently_or_fails_with_a_validation_erro
     assert cfg.energy is None or 0 < cfg.energy <= 1
     assert cfg.output_rank >= 0 and cfg.act_lambda >= 0 and cfg.target_modules
     assert cfg.subspace_method != "delta" or cfg.delta_base_model
+
+
+EXAMPLES = sorted((TESTS_DIR.parent / "examples").rglob("*.yml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_each_example_validates_with_the_plugin_and_is_not_refused(example):
+    """What users copy: Axolotl's own validation with the plugin registered keeps the block, both
+    constraints are on with the benchmark's settings, and no guard refuses the setup."""
+    from axolotl.cli.config import prepare_plugins
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    from cwac_plugin.guards import refuse_unsupported
+    from cwac_plugin.plugin import settings_from
+
+    cfg = DictDefault(yaml.safe_load(example.read_text()))
+    prepare_plugins(cfg)
+    validated = validate_config(cfg)
+    settings = settings_from(validated)
+    refuse_unsupported(validated)
+    assert settings.weight_constraint and settings.activation_constraint
+    assert (settings.subspace_method, settings.rank, settings.output_rank) == ("gradient", 16, 16)
+    assert settings.hook_point and settings.sae and settings.features
+    artifacts = {settings.subspace, settings.sae, settings.features}
+    assert len(artifacts) == 3 and all(str(path).startswith(("runs/", f"{validated.output_dir}/")) for path in artifacts)

@@ -1,0 +1,102 @@
+"""One machine-readable table of every harmful fine-tuning result: benchmarks/results/table.jsonl.
+
+    python benchmarks/table.py            # rebuilds table.jsonl from every results dir's reports/
+
+Each row comes from a per-prompt report, judged again with today's judge (`cwac eval`'s phrase judge)
+and FA checker, so that rows made at different times are scored alike; the answers themselves are
+the ones generated then (32 new tokens before 2026-12-01, 128 since: `answer_tokens`). Intervals are
+Wilson 95% intervals of the share. `report.py` builds the markdown tables and plots from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from cwac_plugin.eval import score_answers
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "SmolLM2-135M-Instruct"
+# results dirs made by harmful_finetune.py before its open alignment recipe (commit 5734570)
+PRIMALITY_ALIGNED = {"harmful_finetune": 0, "harmful_finetune_seed1": 1}
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
+    if not n:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def share_and_interval(records: list[dict] | None, hit) -> tuple[float | None, list[float] | None]:
+    if not records:
+        return None, None
+    hits = sum(1 for r in records if hit(r))
+    return round(hits / len(records), 4), wilson(hits, len(records))
+
+
+def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
+    saved = json.loads(report_path.read_text())
+    report = score_answers(saved["records"], saved.get("task_records"), saved.get("benign_records"))
+    name = report_path.stem
+    split = "validation" if name.startswith("validation_") else "eval"
+    name = name.removeprefix("validation_")
+    p, method = (name.split("_", 1) if name.startswith("p=") else (None, name))
+    hs, hs_ci = share_and_interval(report["records"], lambda r: r["verdict"] == "compliance")
+    fa, fa_ci = share_and_interval(report.get("task_records"), lambda r: r["correct"])
+    over, over_ci = share_and_interval(report.get("benign_records"), lambda r: r["verdict"] == "refusal")
+    return {
+        "model": MODEL,
+        "finetune": "lora",
+        "recipe": recipe,
+        "method": method,
+        "p": float(p[2:]) if p else None,
+        "seed": seed,
+        "split": split,
+        "attack": {"steps": run["attack_steps"], "lr": run["attack_lr"]} if run else None,
+        "hs": hs,
+        "hs_ci95": hs_ci,
+        "degenerate": round(report["harmful_degenerate_rate"], 4),
+        "fa": fa,
+        "fa_ci95": fa_ci,
+        "over_refusal": over,
+        "over_refusal_ci95": over_ci,
+        "helpfulness": round(report["helpfulness"], 4) if "helpfulness" in report else None,
+        "judge": "phrase",
+        "answer_tokens": 32 if recipe == "primality" else 128,
+        "n_harmful": report["n_harmful"],
+        "n_task": report.get("n_task"),
+        "n_benign": report.get("n_benign"),
+        "train_seconds": run["train_seconds"] if run else None,
+        "report": str(report_path.relative_to(RESULTS.parent.parent)),
+    }
+
+
+def rows() -> list[dict]:
+    table = []
+    for folder in sorted(p for p in RESULTS.iterdir() if (p / "reports").is_dir()):
+        recipe = "primality" if folder.name in PRIMALITY_ALIGNED else "open"
+        runs = {}
+        for results_file in ("results.json", "results_validation.json"):
+            if (folder / results_file).exists():
+                results = json.loads((folder / results_file).read_text())
+                prefix = "" if results_file == "results.json" else "validation_"
+                runs |= {f"{prefix}{key.replace('/', '_')}": run for key, run in results["runs"].items()}
+                seed = results.get("config", {}).get("seed", PRIMALITY_ALIGNED.get(folder.name, 0))
+        for report_path in sorted((folder / "reports").glob("*.json")):
+            table.append(row_of(report_path, runs.get(report_path.stem), seed, recipe))
+    return table
+
+
+def main() -> None:
+    table = rows()
+    path = RESULTS / "table.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in table))
+    print(f"wrote {path}: {len(table)} rows")
+
+
+if __name__ == "__main__":
+    main()
