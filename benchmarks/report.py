@@ -1,98 +1,99 @@
-"""Tables (markdown) and a plot (PNG) of benchmarks/harmful_finetune.py's results.json.
+"""Markdown tables and plots of the harmful fine-tuning results, from benchmarks/results/table.jsonl.
 
-    python benchmarks/report.py benchmarks/results/harmful_finetune
+    python benchmarks/table.py     # re-judges every saved report into table.jsonl
+    python benchmarks/report.py    # results/results.md and one hs_fa_<recipe>_seed<N>.png per recipe and seed
+
+Every figure is today's judge on the answers saved with each run (`table.py`); 95% Wilson intervals.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+from collections import defaultdict
 from pathlib import Path
 
+RESULTS = Path(__file__).parent / "results"
 METHODS = ["plain", "weight", "activation", "cwac"]
+COLOURS = {"plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red"}
 
 
-def methods_in(results: dict) -> list[str]:
-    """The four methods first, then variants run with --tag (shown as method@tag)."""
-    found = {key.split("/", 1)[1] for key in results["runs"]}
-    return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
+def pct(value: float | None, interval: list[float] | None = None) -> str:
+    if value is None:
+        return "–"
+    text = f"{100 * value:.0f}"
+    return f"{text} [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval else text
 
 
-def pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+def method_order(method: str) -> tuple:
+    base, _, variant = method.partition("@")
+    return (variant, METHODS.index(base) if base in METHODS else len(METHODS), base)
 
 
-def tables(results: dict) -> str:
-    lines = []
-    for name in ("unaligned", "aligned"):
-        r = results.get(name)
-        if r:
+def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    grouped = defaultdict(list)
+    for row in rows:
+        grouped[row["recipe"], row["seed"], row["split"]].append(row)
+    return dict(sorted(grouped.items()))
+
+
+def tables(rows: list[dict]) -> str:
+    lines = ["# Harmful fine-tuning results (re-judged; `benchmarks/table.py`)", ""]
+    header = "| method | p | HS % [95% CI] | degenerate % | FA % | over-refusal % | helpfulness % | report |"
+    for (recipe, seed, split), group in groups(rows).items():
+        lines += [f"## recipe {recipe}, seed {seed}, {split} split", "", header, "|---|---|---|---|---|---|---|---|"]
+        for row in sorted(group, key=lambda r: (r["p"] is not None, r["p"] or 0, method_order(r["method"]))):
             lines.append(
-                f"- {name}: HS {pct(r['harmful_score'])}%, FA {pct(r['fine_tune_accuracy'])}%, "
-                f"over-refusal {pct(r['over_refusal'])}%, degenerate {pct(r['harmful_degenerate_rate'])}%"
+                f"| {row['method']} | {row['p'] if row['p'] is not None else '–'} | {pct(row['hs'], row['hs_ci95'])} | "
+                f"{pct(row['degenerate'])} | {pct(row['fa'])} | {pct(row['over_refusal'])} | {pct(row['helpfulness'])} | "
+                f"`{Path(row['report']).name}` |"
             )
-    ratios = sorted({float(key.split("/")[0][2:]) for key in results["runs"]})
-    for ratio in ratios:
-        lines += [
-            "",
-            f"### p = {ratio}",
-            "",
-            "| method | HS % | FA % | over-refusal % | degenerate % | train s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for method in methods_in(results):
-            r = results["runs"].get(f"p={ratio}/{method}")
-            if r:
-                lines.append(
-                    f"| {method} | {pct(r['harmful_score'])} | {pct(r['fine_tune_accuracy'])} | "
-                    f"{pct(r['over_refusal'])} | {pct(r['harmful_degenerate_rate'])} | {r['train_seconds']} |"
-                )
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    """One row per variant (`--tag`: a setting of the attack or of CWAC), HS and FA against p per method."""
+def plot(group: list[dict], title: str, path: Path) -> None:
+    """HS and FA against p, one line per method (variants: one row of panels each), intervals shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red"}
-    variants = sorted({method.partition("@")[2] for method in methods_in(results)})
+    runs = [r for r in group if r["p"] is not None]
+    variants = sorted({r["method"].partition("@")[2] for r in runs})
     fig, axes = plt.subplots(len(variants), 2, figsize=(11, 3.2 * len(variants)), squeeze=False, sharey="col")
-    for row, variant in zip(axes, variants):
-        attack_lrs = set()
+    aligned = next((r for r in group if r["method"] == "aligned"), None)
+    for row_axes, variant in zip(axes, variants):
         for base in METHODS:
             method = f"{base}@{variant}" if variant else base
-            points = sorted(
-                (float(key.split("/")[0][2:]), r) for key, r in results["runs"].items() if key.endswith(f"/{method}")
-            )
+            points = sorted((r for r in runs if r["method"] == method), key=lambda r: r["p"])
             if not points:
                 continue
-            attack_lrs |= {r["attack_lr"] for _, r in points}
-            style = {"marker": "o", "label": base, "color": colours.get(base)}
-            xs = [p for p, _ in points]
-            row[0].plot(xs, [100 * r["harmful_score"] for _, r in points], **style)
-            row[1].plot(xs, [100 * r["fine_tune_accuracy"] for _, r in points], **style)
-        if "aligned" in results:
-            row[0].axhline(100 * results["aligned"]["harmful_score"], color="grey", ls="--", lw=0.8, label="aligned")
-        setting = f"{variant or 'no --tag'}, attack lr {', '.join(f'{lr:g}' for lr in sorted(attack_lrs))}"
-        for ax, title in zip(row, ("harmful score (lower is better)", "fine-tune accuracy")):
+            xs = [r["p"] for r in points]
+            for ax, key in zip(row_axes, ("hs", "fa")):
+                ax.plot(xs, [100 * r[key] for r in points], marker="o", label=base, color=COLOURS[base])
+                ax.fill_between(xs, [100 * r[f"{key}_ci95"][0] for r in points], [100 * r[f"{key}_ci95"][1] for r in points],
+                                color=COLOURS[base], alpha=0.12)
+        if aligned:
+            row_axes[0].axhline(100 * aligned["hs"], color="grey", ls="--", lw=0.8, label="aligned")
+        for ax, name in zip(row_axes, ("harmful score (lower is better)", "fine-tune accuracy")):
             ax.set_xlabel("harmful ratio p")
             ax.set_ylabel("%")
-            ax.set_title(f"{title}: {setting}", fontsize=9)
-        row[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct, LoRA attack, CPU")
+            ax.set_title(f"{name}: {variant or 'default attack'}", fontsize=9)
+        row_axes[0].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/harmful_finetune")
-    results = json.loads((folder / "results.json").read_text())
-    (folder / "results.md").write_text(tables(results))
-    plot(results, folder / "hs_fa.png")
-    print((folder / "results.md").read_text())
+    rows = [json.loads(line) for line in (RESULTS / "table.jsonl").read_text().splitlines() if line.strip()]
+    (RESULTS / "results.md").write_text(tables(rows))
+    for (recipe, seed, split), group in groups(rows).items():
+        if split == "eval" and any(r["p"] is not None for r in group):
+            plot(group, f"SmolLM2-135M-Instruct, LoRA attack, recipe {recipe}, seed {seed} (re-judged)",
+                 RESULTS / f"hs_fa_{recipe}_seed{seed}.png")
+    print(f"wrote {RESULTS / 'results.md'}")
 
 
 if __name__ == "__main__":

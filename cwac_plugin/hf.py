@@ -185,6 +185,11 @@ def install(
                     extra |= leakage_metrics(weight)
                 if activation is not None:
                     extra |= metrics.pop(trainer.args.device)
+                    # The Trainer logs what compute_loss returned, task loss plus penalty, averaged like
+                    # cwac/act_loss over the same micro-batches: `loss` (and Axolotl's `ppl` from it)
+                    # stay the task loss, comparable with a run without the plugin.
+                    extra["cwac/total_loss"] = logs["loss"]
+                    logs = {**logs, "loss": logs["loss"] - extra["cwac/act_loss"]}
                 callback.last_logged = extra
                 logs = {**logs, **extra}
             return original_log(logs, *args, **kwargs)

@@ -392,6 +392,37 @@ def test_penalty_is_averaged_over_gradient_accumulation_like_the_main_loss(tmp_p
     assert difference / total < 1e-4
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_logged_loss_is_the_task_loss_and_the_total_is_beside_it(tmp_path, accumulation):
+    """With a penalty 10x the task loss or more, `loss` (and Axolotl's ppl, computed from it) must still read
+    the task loss: before the first update it equals a run without the plugin on the same batch."""
+    from transformers import Trainer, TrainingArguments
+
+    from cwac_plugin.hf import install
+
+    g = torch.Generator().manual_seed(5)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 64, (4, 10), generator=g)]
+
+    def first_log(with_penalty: bool) -> dict:
+        model, constraint = lora_model_with_activation_constraint(lam=5000.0)
+        perturb_lora_b(model, 0.5)  # away from the reference: the penalty is large from the start
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(with_penalty)), per_device_train_batch_size=4 // accumulation,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.1, optim="sgd", logging_steps=1,
+            report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        if with_penalty:
+            install(trainer, activation=constraint)
+        trainer.train()
+        return next(entry for entry in trainer.state.log_history if "loss" in entry)
+
+    plain, constrained = first_log(False), first_log(True)
+    assert constrained["cwac/act_loss"] > 10 * plain["loss"]
+    assert constrained["loss"] == pytest.approx(plain["loss"], abs=2e-4)  # the Trainer rounds to 4 digits
+    assert constrained["cwac/total_loss"] == pytest.approx(constrained["loss"] + constrained["cwac/act_loss"])
+
+
 def test_penalty_metrics_are_read_on_the_host_only_when_logged():
     """A host read per micro-batch would stall a GPU between every forward and its backward."""
     from cwac_plugin.hf import _ActivationMetrics

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the real small model, CPU only: prepare model and data, compute the safety
-# subspace, train the SAE and pick its safety features, fine-tune with CWAC. Run from the
+# subspace, train the SAE and pick its safety features, fine-tune with CWAC, verify. Run from the
 # repository root inside the activated venv.
 set -euo pipefail
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -10,4 +10,6 @@ cwac subspace "$config"
 cwac train-sae "$config"
 cwac features "$config"
 axolotl train "$config"
-echo "Done: adapter in runs/smollm2/cwac-lora; cwac/leakage and cwac/feature_drift were logged at every step above."
+# the proof from the saved artifacts alone: exits 1 if the adapter's update leaks into the subspace
+cwac verify --base runs/smollm2/model --adapter runs/smollm2/cwac-lora --subspace runs/smollm2/subspace.safetensors
+echo "Done: adapter in runs/smollm2/cwac-lora (with cwac_report.json); cwac/leakage and cwac/feature_drift were logged at every step above."
