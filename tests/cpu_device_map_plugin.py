@@ -27,4 +27,4 @@ class CPUDeviceMapPlugin(BasePlugin):
         ModelLoader._set_device_map_config = set_device_map_config
 
     def get_training_args(self, cfg):
-        return None if torch.cuda.is_available() else {"use_cpu": True}
+        return {"use_cpu": True} if cfg.bf16 and not torch.cuda.is_available() else None

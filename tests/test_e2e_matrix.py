@@ -79,6 +79,18 @@ def test_cell_holds(cell, tmp_path, tiny_models, data_files):
         assert "Patched attention class with LoRA optims" in (tmp_path / "out" / "debug.log").read_text()
 
 
+def test_kernels_with_both_constraints(tmp_path, tiny_model, data_files, artifacts, coupled_cwac):
+    """The activation hook sits on a decoder layer's output, which the fused qkv/o forward still
+    produces: the penalty is computed and the weight constraint holds, kernels on."""
+    data = {**data_files, "train": artifacts["train"]}
+    config = axolotl_config(tmp_path, tiny_model, data, cwac=coupled_cwac, **{**LORA, **KERNELS})
+    check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
+    assert "Patched attention class with LoRA optims" in (tmp_path / "out" / "debug.log").read_text()
+    check_verified(tmp_path, tiny_model, coupled_cwac["subspace"], saves_adapter=True)
+    logged = logged_steps(tmp_path / "out")
+    assert any(e["cwac/act_loss"] > 0 for e in logged) and all(e["cwac/leakage"] < 1e-5 for e in logged)
+
+
 def refused_before_training(proc, tmp_path, key: str) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
