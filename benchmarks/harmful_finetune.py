@@ -145,7 +145,10 @@ def main() -> None:
         help="score HS on the eval part, or on a disjoint validation part (for choosing defaults)",
     )
     parser.add_argument("--cwac", type=json.loads, default={}, help="overrides of the CWAC settings, as JSON")
-    parser.add_argument("--align-epochs", type=float, default=1.0, help="epochs of the alignment SFT")
+    parser.add_argument(
+        "--align-epochs", type=float, default=2.0,
+        help="epochs of the alignment SFT (2: chosen on validation, benchmarks/README.md)",
+    )
     parser.add_argument("--work", type=Path, help="models and artifacts (default: OUT/work); alignment recipes (--align-only) can share one")
     parser.add_argument("--align-only", action="store_true", help="stop after aligning and evaluating the aligned model")
     parser.add_argument(
@@ -199,7 +202,7 @@ def main() -> None:
     attack = [Example(p, a) for p, a in json.loads(attack_file.read_text())["pairs"]]
 
     # 2. align ---------------------------------------------------------------------------------
-    aligned_dir = work / tagged("aligned", "" if args.align_epochs == 1 else f"e{args.align_epochs:g}", "_")
+    aligned_dir = work / f"aligned_e{args.align_epochs:g}"
     if not (aligned_dir / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
         align_set = safety + benign_align
@@ -222,7 +225,7 @@ def main() -> None:
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
     # a variant of the attack alone (no --cwac overrides) reuses the default artifacts
     artifact_tag = args.tag if args.cwac else ""
-    artifacts = work / tagged("artifacts", artifact_tag, "_")
+    artifacts = work / tagged(f"{aligned_dir.name}_artifacts", artifact_tag, "_")  # of this aligned model
     cwac = CWACConfig(**{
         "subspace": str(artifacts / "subspace.safetensors"), "sae": str(artifacts / "sae"),
         "features": str(artifacts / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
@@ -262,7 +265,7 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
             settings = None if METHODS[method] is None else cwac.model_copy(update=METHODS[method])
             peft_model, elapsed, log_history = lora_train(
-                model, tokenizer, mix, work / "runs" / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
+                model, tokenizer, mix, work / "runs" / aligned_dir.name / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
                 constraints=None if settings is None else make_constraints(settings, safety, tokenizer),
             )
             report = run_eval(peft_model.merge_and_unload(), tokenizer, data, args.n_eval)

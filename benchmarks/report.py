@@ -9,6 +9,7 @@ Every figure is today's judge on the answers saved with each run (`table.py`); 9
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def main() -> None:
     for (recipe, seed, split), group in groups(rows).items():
         if split == "eval" and any(r["p"] is not None for r in group):
             plot(group, f"SmolLM2-135M-Instruct, LoRA attack, recipe {recipe}, seed {seed} (re-judged)",
-                 RESULTS / f"hs_fa_{recipe}_seed{seed}.png")
+                 RESULTS / f"hs_fa_{re.sub(r'[^a-z0-9]+', '_', recipe.lower()).strip('_')}_seed{seed}.png")
     print(f"wrote {RESULTS / 'results.md'}")
 
 

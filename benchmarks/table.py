@@ -78,11 +78,13 @@ def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
 def rows() -> list[dict]:
     table = []
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "reports").is_dir()):
-        recipe = "primality" if folder.name in PRIMALITY_ALIGNED else "open"
+        recipe = "primality" if folder.name in PRIMALITY_ALIGNED else None
         runs = {}
         for results_file in ("results.json", "results_validation.json"):
             if (folder / results_file).exists():
                 results = json.loads((folder / results_file).read_text())
+                if "align" in results:  # recorded by the run that aligned, whichever split it scored
+                    recipe = recipe or f"open, {results['align']['epochs']:g} epoch alignment"
                 prefix = "" if results_file == "results.json" else "validation_"
                 runs |= {f"{prefix}{key.replace('/', '_')}": run for key, run in results["runs"].items()}
                 seed = results.get("config", {}).get("seed", PRIMALITY_ALIGNED.get(folder.name, 0))
