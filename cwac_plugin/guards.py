@@ -79,8 +79,12 @@ class Coverage:
             f"{self.trainable_decoder:,}; {self.trainable:,} trainable in all)"
         )
 
+    @property
+    def partial(self) -> bool:
+        return self.share < MIN_COVERAGE
+
     def check(self, allow_partial: bool) -> None:
-        if self.share >= MIN_COVERAGE or allow_partial:
+        if not self.partial or allow_partial:
             return
         raise SubspaceError(
             f"cwac.target_modules: the subspace protects only {self.describe()}; unprotected are e.g. "

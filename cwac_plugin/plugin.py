@@ -7,7 +7,7 @@ from axolotl.utils.logging import get_logger
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example
-from cwac_plugin.guards import MIN_COVERAGE, refuse_unsupported
+from cwac_plugin.guards import refuse_unsupported
 from cwac_plugin.hf import install
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint, FeatureSet, SAEConfigError, load_anchor_examples, load_sae
@@ -84,7 +84,7 @@ class CWACPlugin(BasePlugin):
                 self.weight.coverage.describe(),
                 f"; {frozen} protected modules are frozen" if frozen else "",
             )
-            if self.weight.coverage.share < MIN_COVERAGE:
+            if self.weight.coverage.partial:
                 LOG.warning("cwac.allow_partial: %s train unconstrained", ", ".join(self.weight.coverage.unprotected[:8]))
             if self.weight.precision_mismatch:
                 LOG.warning("cwac.allow_precision_mismatch: %s", self.weight.precision_mismatch)
