@@ -84,8 +84,9 @@ def lora_epoch_seconds(model, tokenizer, examples: list[Example], max_length: in
 
 
 def measure(model, tokenizer, safety, contrast, cfg: CWACConfig, max_length: int, with_sae: bool) -> dict:
+    from cwac_plugin.models import find_target_modules
     from cwac_plugin.sae import select_features, train_sae
-    from cwac_plugin.subspace import SubspaceData, compute_subspace, find_target_modules
+    from cwac_plugin.subspace import SubspaceData, compute_subspace
 
     tokens = token_count(tokenizer, safety + contrast, max_length)
     row = {

@@ -107,7 +107,8 @@ def load_model(path: Path, training: str, device: str, dtype: torch.dtype = torc
 def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32) -> CWACConfig:
     from sae_lens import TopKSAE, TopKSAEConfig
 
-    from cwac_plugin.subspace import Subspace, find_target_modules, model_metadata
+    from cwac_plugin.models import find_target_modules, model_metadata
+    from cwac_plugin.subspace import Subspace
 
     g = torch.Generator().manual_seed(0)
     bases = {

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from cwac_plugin.subspace import SubspaceError, base_model_of
+from cwac_plugin.errors import SubspaceError
+from cwac_plugin.models import base_model_of
 
 # Below this share of the trainable decoder parameters the run is refused unless cwac.allow_partial:
 # a Llama's norms are ~0.01% of a layer, so any real gap (experts, fused modules, a layer subset) is

@@ -24,26 +24,22 @@ from tqdm.auto import tqdm
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
-from cwac_plugin.subspace import accepts_logits_to_keep, base_model_of
+from cwac_plugin.errors import SAEConfigError
+from cwac_plugin.models import (
+    accepts_logits_to_keep,
+    base_model_of,
+    base_model_peft,
+    decoder_layers,
+    zero3_partitioned,
+)
 
 FEATURES_FORMAT = "cwac-features/1"
 _HOOK_POINT = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
-class SAEConfigError(ValueError):
-    """The SAE, hook point or feature file does not fit the model."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Hook points on HF decoder layers.
 # ---------------------------------------------------------------------------------------------
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for name, module in base_model_of(model).named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
-            return module
-    raise SAEConfigError("found no decoder layer list (a ModuleList named `layers`) in the model")
 
 
 def parse_hook_point(hook_point: str, num_layers: int) -> tuple[int, str]:
@@ -57,11 +53,6 @@ def parse_hook_point(hook_point: str, num_layers: int) -> tuple[int, str]:
     if layer >= num_layers:
         raise SAEConfigError(f"cwac.hook_point {hook_point!r}: the model has decoder layers 0..{num_layers - 1}")
     return layer, match.group(2)
-
-
-def zero3_partitioned(model: nn.Module) -> bool:
-    """Parameters are ZeRO-3 shards, gathered only inside a forward that DeepSpeed runs to the end."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 class _ReachedHookPoint(Exception):
@@ -619,11 +610,6 @@ def release_unread_weights(sae, encode: Callable[[Tensor], Tensor], names: Itera
             unread = False
         if not unread:
             sae.register_parameter(name, weight)
-
-
-def base_model_peft(model: nn.Module) -> nn.Module:
-    """The PEFT model (or plain model) under DeepSpeed's engine."""
-    return getattr(model, "module", model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from cwac_plugin.errors import SubspaceError
 from cwac_plugin.guards import MIN_COVERAGE, decoder_prefix
-from cwac_plugin.subspace import Subspace, SubspaceError
+from cwac_plugin.subspace import Subspace
 
 DEFAULT_TOLERANCE = 1e-5
 # Unit roundoff of a half-precision save: each stored element may be off by this share of itself,

@@ -17,8 +17,9 @@ from torch import nn
 from cwac_plugin.config import DEFAULT_TARGET_MODULES, CWACConfig
 from cwac_plugin.data import Example
 from cwac_plugin.guards import MIN_COVERAGE, refuse_unsupported
+from cwac_plugin.models import find_target_modules
 from cwac_plugin.projection import WeightConstraint
-from cwac_plugin.subspace import Subspace, SubspaceData, SubspaceError, compute_subspace, find_target_modules
+from cwac_plugin.subspace import Subspace, SubspaceData, SubspaceError, compute_subspace
 
 from test_projection import initial_weights, measured_leakage, random_subspace, tiny_llama, train_steps
 from test_sae import ToyTokenizer

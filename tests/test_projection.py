@@ -57,7 +57,7 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 
 
 def random_subspace(model: nn.Module, k: int = 4, k_out: int = 3, seed: int = 0) -> Subspace:
-    from cwac_plugin.subspace import find_target_modules, module_dims
+    from cwac_plugin.models import find_target_modules, module_dims
 
     g = torch.Generator().manual_seed(seed)
     inputs, outputs = {}, {}

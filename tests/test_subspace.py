@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cwac_plugin.config import CWACConfig
+from cwac_plugin.models import find_target_modules
 from cwac_plugin.subspace import (
     Subspace,
     SubspaceError,
@@ -14,7 +15,6 @@ from cwac_plugin.subspace import (
     bases_from_moments,
     choose_rank,
     compute_subspace,
-    find_target_modules,
     gradient_moments,
     output_moments,
     response_loss,
