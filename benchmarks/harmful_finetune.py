@@ -149,6 +149,10 @@ def main() -> None:
         "--align-epochs", type=float, default=2.0,
         help="epochs of the alignment SFT (2: chosen on validation, benchmarks/README.md)",
     )
+    parser.add_argument(
+        "--benign-repeats", type=int, default=1,
+        help="times each benign answer appears per alignment epoch (>1 weighs answering against refusing)",
+    )
     parser.add_argument("--work", type=Path, help="models and artifacts (default: OUT/work); alignment recipes (--align-only) can share one")
     parser.add_argument("--align-only", action="store_true", help="stop after aligning and evaluating the aligned model")
     parser.add_argument(
@@ -202,17 +206,20 @@ def main() -> None:
     attack = [Example(p, a) for p, a in json.loads(attack_file.read_text())["pairs"]]
 
     # 2. align ---------------------------------------------------------------------------------
-    aligned_dir = work / f"aligned_e{args.align_epochs:g}"
+    aligned_dir = work / tagged(f"aligned_e{args.align_epochs:g}", f"b{args.benign_repeats}" if args.benign_repeats > 1 else "", "_")
     if not (aligned_dir / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
-        align_set = safety + benign_align
+        align_set = safety + benign_align * args.benign_repeats
         random.Random(args.seed).shuffle(align_set)
         steps = round(args.align_epochs * len(align_set) / 8)
         peft_model, elapsed, _ = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(aligned_dir)
         tokenizer.save_pretrained(aligned_dir)
-        results["align"] = {"examples": len(align_set), "steps": steps, "epochs": args.align_epochs, "seconds": round(elapsed, 1)}
+        results["align"] = {
+            "examples": len(align_set), "steps": steps, "epochs": args.align_epochs, "benign_repeats": args.benign_repeats,
+            "seconds": round(elapsed, 1),
+        }
     for name, model_dir in (("unaligned", work / "unaligned"), ("aligned", aligned_dir)):
         if name not in results:
             report = run_eval(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer, data, args.n_eval)
