@@ -29,11 +29,22 @@ ZERO_START_INITS = (None, True, "gaussian")
 def refuse_unsupported(cfg) -> None:
     """Raise for Axolotl settings under which the constraint would silently not hold."""
     get = cfg.get
-    if get("fsdp_config") or get("fsdp_version") or get("fsdp"):
+    fsdp_config = get("fsdp_config") or {}
+    if get("fsdp"):
         raise SubspaceError(
-            "fsdp_config / fsdp_version: cwac_plugin does not support FSDP yet (fully_shard replaces "
-            "the parameters the constraint is bound to, so it would silently do nothing). Remove the "
-            "FSDP keys and use DeepSpeed ZeRO-3 (deepspeed: examples/deepspeed/zero3.json) for sharding"
+            "fsdp: the legacy FSDP1 list is not supported (the constraint follows FSDP2's sharded "
+            "parameters only). Replace it with fsdp_version: 2 and an fsdp_config block"
+        )
+    if (fsdp_config or get("fsdp_version")) and str(get("fsdp_version") or fsdp_config.get("fsdp_version")) != "2":
+        raise SubspaceError(
+            f"fsdp_version: {get('fsdp_version') or fsdp_config.get('fsdp_version')!r}: cwac_plugin follows FSDP2's "
+            "sharded parameters, not FSDP1's flat ones (deprecated in Axolotl). Set fsdp_version: 2"
+        )
+    if fsdp_config.get("cpu_ram_efficient_loading"):
+        raise SubspaceError(
+            "fsdp_config.cpu_ram_efficient_loading: ranks other than 0 then load no weights, and the "
+            "constraint takes R = W0 U from the weights before sharding. Set it to false (or use "
+            "DeepSpeed ZeRO-3 with zero3_init for models that do not fit in host memory)"
         )
     if get("relora"):
         raise SubspaceError(

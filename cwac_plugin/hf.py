@@ -46,10 +46,15 @@ class CWACCallback(TrainerCallback):
         # After `accelerator.prepare` and a resume's checkpoint load: the constraints were built
         # from the initial weights, and must still be bound to the tensors the optimizer steps.
         if self.weight is not None:
+            self.weight.follow_sharding()
             self.weight.check_bound(model, optimizer)
             self.weight.attach()
         if self.activation is not None:
             self.activation.check_resume(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.weight is not None:
+            self.weight.project_gradients()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.weight is not None and self.weight.mode == "update":
@@ -79,6 +84,7 @@ class CWACCallback(TrainerCallback):
                 "subspace": str(subspace),
                 "subspace_sha256": hashlib.sha256(subspace.read_bytes()).hexdigest() if subspace.is_file() else None,
                 "mode": self.weight.mode,
+                "fsdp2_sharded": self.weight.sharded,
                 "modules": len(self.weight.module_names),
                 "coverage": self.weight.coverage.share,
                 "coverage_detail": self.weight.coverage.describe(),

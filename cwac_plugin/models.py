@@ -110,7 +110,3 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             return module
     raise SAEConfigError("found no decoder layer list (a ModuleList named `layers`) in the model")
 
-
-def zero3_partitioned(model: nn.Module) -> bool:
-    """Parameters are ZeRO-3 shards, gathered only inside a forward that DeepSpeed runs to the end."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())

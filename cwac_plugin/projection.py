@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,14 @@ from torch import Tensor, nn
 from cwac_plugin.errors import SubspaceError
 from cwac_plugin.guards import coverage_of
 from cwac_plugin.models import base_model_of, is_lora_wrapper, linear_of, resolve_modules
-from cwac_plugin.parallel import _managed_by_deepspeed, read_full_param, read_model_param, write_full_param
+from cwac_plugin.parallel import (
+    RowShards,
+    _managed_by_deepspeed,
+    is_row_sharded,
+    read_model_param,
+    read_param,
+    write_param,
+)
 from cwac_plugin.subspace import Subspace, check_precision_matches
 
 
@@ -38,9 +46,17 @@ def project_input_side(x: Tensor, basis: Tensor, target: Tensor | None = None) -
     return x - residual @ basis.T
 
 
-def project_output_side(x: Tensor, basis: Tensor, target: Tensor | None = None) -> Tensor:
-    """Return x moved so that basis.T @ x == target (or 0)."""
+def project_output_side(
+    x: Tensor, basis: Tensor, target: Tensor | None = None, sum_rows: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Return x moved so that basis.T @ x == target (or 0).
+
+    With x and basis holding only some rows of the full matrices (FSDP2), `sum_rows` adds up the
+    ranks' `basis.T @ x`: the only product of the two projections that spans rows.
+    """
     residual = basis.T @ x
+    if sum_rows is not None:
+        residual = sum_rows(residual)
     if target is not None:
         residual = residual - target
     return x - basis @ residual
@@ -53,32 +69,58 @@ def project_output_side(x: Tensor, basis: Tensor, target: Tensor | None = None) 
 
 @dataclass
 class ProtectedTensor:
-    """A trainable tensor with the bases and targets its value must keep."""
+    """A trainable tensor with the bases and targets its value must keep.
+
+    Under FSDP2 (`shards` set) `param` holds this rank's rows, and so do the row-indexed
+    `output_basis` (V) and `input_target` (R = W0 U); `input_basis` and `output_target` span columns
+    and stay whole.
+    """
 
     module_name: str
     param: nn.Parameter
+    owner: nn.Module  # holds `param` as `weight`: where to find it again once a wrapper replaces it
     input_basis: Tensor | None = None
     output_basis: Tensor | None = None
     input_target: Tensor | None = None
     output_target: Tensor | None = None
+    shards: RowShards | None = None
 
-    def project(self, value: Tensor) -> Tensor:
+    def sum_rows(self, partial: Tensor) -> Tensor:
+        """A product over this tensor's rows, summed over the ranks that hold the others."""
+        return self.shards.sum(partial) if self.shards is not None else partial
+
+    def read_run(self) -> Tensor:
+        """What the forward runs and a save writes, in float32 (this rank's rows under FSDP2)."""
+        return read_param(self.param) if self.shards is not None else read_model_param(self.param)
+
+    def project(self, value: Tensor, targets: bool = True) -> Tensor:
+        """`value` (shaped like `read_param`) moved onto the constraint; without `targets`, for a
+        gradient or a LoRA factor, onto X U = 0 and V^T X = 0."""
         if self.input_basis is not None:
-            value = project_input_side(value, self.input_basis, self.input_target)
+            value = project_input_side(value, self.input_basis, self.input_target if targets else None)
         if self.output_basis is not None:
-            value = project_output_side(value, self.output_basis, self.output_target)
+            value = project_output_side(value, self.output_basis, self.output_target if targets else None, self.sum_rows)
         return value
 
     def project_gradient(self, grad: Tensor) -> Tensor:
-        projected = grad.float()
-        if self.input_basis is not None:
-            projected = project_input_side(projected, self.input_basis)
-        if self.output_basis is not None:
-            projected = project_output_side(projected, self.output_basis)
-        return projected.to(grad.dtype)
+        return self.project(grad.float(), targets=False).to(grad.dtype)
 
     def enforce(self) -> None:
-        write_full_param(self.param, self.project(read_full_param(self.param)))
+        write_param(self.param, self.project(read_param(self.param)))
+
+    def follow_sharding(self) -> bool:
+        """Re-bind to the DTensor that FSDP2's `fully_shard` put in place of `param`; True if it did."""
+        current = self.owner.weight
+        if current is self.param or not is_row_sharded(current):
+            return False
+        self.shards = RowShards.of(current)
+        rows, device = self.shards.rows, current.to_local().device
+        self.param = current
+        self.input_basis = None if self.input_basis is None else self.input_basis.to(device)
+        self.output_basis = None if self.output_basis is None else self.output_basis[rows].to(device)
+        self.input_target = None if self.input_target is None else self.input_target[rows].to(device)
+        self.output_target = None if self.output_target is None else self.output_target.to(device)
+        return True
 
 
 @dataclass
@@ -114,20 +156,27 @@ class _FactorStack:
             for member in self.members:
                 member.enforce()
             return
-        x = torch.stack(params).float()
+        shards = self.members[0].shards
+        locals_ = [p.to_local() for p in params] if shards is not None else params
+        x = torch.stack(locals_).float()
         # project_input_side/project_output_side, fused in place: unfused, the stacked tensors are
         # memory-bound and were no faster than the per-factor loop on a CPU (benchmarks/README.md).
         if self.input_basis is not None:
             x.baddbmm_(x @ self.input_basis, self.input_basis.mT, alpha=-1)  # x - (x U) U^T
         if self.output_basis is not None:
-            x.baddbmm_(self.output_basis, self.output_basis.mT @ x, alpha=-1)  # x - V (V^T x)
-        torch._foreach_copy_(params, list(x.unbind(0)))
+            residual = self.output_basis.mT @ x
+            if shards is not None:  # one all-reduce for the whole stack
+                shards.sum(residual)
+            x.baddbmm_(self.output_basis, residual, alpha=-1)  # x - V (V^T x)
+        torch._foreach_copy_(locals_, list(x.unbind(0)))
 
 
 def _stack_factors(factors: list[ProtectedTensor]) -> list[_FactorStack]:
     groups: dict[tuple, list[ProtectedTensor]] = defaultdict(list)
     for factor in factors:
         bases = (factor.input_basis, factor.output_basis)
+        # the global shape (a DTensor's): every rank must form the same stacks, in the same order,
+        # for the stacks' all-reduces to match up
         key = (factor.param.shape, factor.param.dtype, factor.param.device, *(b if b is None else b.shape for b in bases))
         groups[key].append(factor)
     return [_FactorStack.of(members) for members in groups.values()]
@@ -150,8 +199,8 @@ class _FullModule:
     sketch: Tensor | None = None
     initial_sketched: Tensor | None = None
 
-    def update_sq(self, weight: Tensor) -> float:
-        return ((weight @ self.sketch - self.initial_sketched).square().sum() / self.sketch.shape[1]).item()
+    def update_sq(self, weight: Tensor) -> Tensor:
+        return (weight @ self.sketch - self.initial_sketched).square().sum() / self.sketch.shape[1]
 
 
 @dataclass
@@ -235,6 +284,7 @@ class WeightConstraint:
             if t.param.requires_grad and (t.input_basis is not None or t.output_basis is not None)
         ]
         self.tensors: list[ProtectedTensor] = [m.weight for m in self._full.values()] + trained_factors
+        self._trained_factors = trained_factors
         self._factor_stacks = _stack_factors(trained_factors)
         if not self.tensors:
             raise SubspaceError(
@@ -282,8 +332,8 @@ class WeightConstraint:
             # A U = 0 and V^T B = 0 suffice for dW = s B A; the metric needs both factors.
             factors.append(
                 (
-                    ProtectedTensor(name, lora_a, input_basis=input_basis),
-                    ProtectedTensor(name, lora_b, output_basis=output_basis),
+                    ProtectedTensor(name, lora_a, module.lora_A[adapter], input_basis=input_basis),
+                    ProtectedTensor(name, lora_b, module.lora_B[adapter], output_basis=output_basis),
                     float(module.scaling[adapter]),
                 )
             )
@@ -293,10 +343,11 @@ class WeightConstraint:
             self.frozen_modules.append(name)
 
     def _bind_full(self, name, module, input_basis, output_basis, log_leakage: bool):
-        weight = read_full_param(module.weight)
+        weight = read_param(module.weight)
         protected = ProtectedTensor(
             name,
             module.weight,
+            linear_of(module),
             input_basis=input_basis,
             output_basis=output_basis,
             input_target=weight @ input_basis if input_basis is not None else None,
@@ -316,12 +367,29 @@ class WeightConstraint:
     def module_names(self) -> list[str]:
         return [*self._full, *self._lora]
 
+    def follow_sharding(self) -> None:
+        """Re-bind to the DTensors that FSDP2 put in place of the parameters at `accelerator.prepare`.
+
+        Everything else was taken before, from the whole weights (R = W0 U, Q = V^T W0, the sketch of
+        W0), so a resumed run still measures from W0; each tensor keeps its rows of them.
+        """
+        for lora in self._lora.values():
+            for lora_a, lora_b, _ in lora.factors:
+                lora_a.follow_sharding()
+                lora_b.follow_sharding()
+        for full in self._full.values():
+            if full.weight.follow_sharding() and full.sketch is not None:
+                device = full.weight.param.to_local().device
+                full.sketch = full.sketch.to(device)
+                full.initial_sketched = full.initial_sketched[full.weight.shards.rows].to(device)
+        self._factor_stacks = _stack_factors(self._trained_factors)
+
     def check_bound(self, model: nn.Module, optimizer=None) -> None:
         """Refuse to train if the tensors bound at construction are no longer the ones trained.
 
-        A wrapper that swaps parameters after the constraint was built (FSDP's fully_shard makes
-        DTensors of them at `accelerator.prepare`) would leave it projecting tensors nobody uses
-        while the log reads zero leakage.
+        A wrapper that swaps parameters after the constraint was built, other than FSDP2 (see
+        `follow_sharding`), would leave it projecting tensors nobody uses while the log reads zero
+        leakage.
         """
         current = {id(p) for p in base_model_of(model).parameters()}
         stepped = None
@@ -333,17 +401,34 @@ class WeightConstraint:
                 raise SubspaceError(
                     f"{tensor.module_name}: the parameter the weight constraint was bound to is no longer "
                     f"the one {'the model holds' if id(tensor.param) not in current else 'the optimizer steps'} "
-                    "(a wrapper such as FSDP replaced it after the trainer was built), so the constraint "
-                    "would do nothing. Train without that wrapper (DeepSpeed ZeRO is supported)"
+                    "(a wrapper replaced it after the trainer was built), so the constraint would do "
+                    "nothing. Train without that wrapper (DeepSpeed ZeRO and FSDP2 are supported)"
                 )
 
     def attach(self) -> None:
         """Project the starting point (LoRA's random A) and, in gradient mode, hook the gradients."""
         for stack in self._factor_stacks:
             stack.enforce()
-        if self.mode == "gradient":
+        if self.mode == "gradient" and not self.sharded:
             for tensor in self.tensors:
                 self._hooks.append(tensor.param.register_hook(tensor.project_gradient))
+
+    @property
+    def sharded(self) -> bool:
+        return self.tensors[0].shards is not None
+
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        """Gradient mode under FSDP2, before each optimizer step.
+
+        Autograd runs on the gathered parameters and FSDP2 writes the reduced rows into the shards'
+        `.grad`, which no tensor hook sees; so the rows are projected where the optimizer reads them.
+        """
+        if self.mode != "gradient" or not self.sharded:
+            return
+        for tensor in self.tensors:  # every rank holds a gradient for each: the all-reduces match
+            local = tensor.param.grad.to_local()
+            local.copy_(tensor.project_gradient(local))
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -372,27 +457,29 @@ class WeightConstraint:
             if full.sketch is None:
                 continue
             tensor = full.weight
-            weight = read_model_param(tensor.param)
-            update_sq = full.update_sq(weight)
-            input_sq = output_sq = 0.0
+            weight = tensor.read_run()  # under FSDP2 a sum over rows adds up over ranks
+            zero = weight.new_zeros(())
+            input_sq = zero
             if tensor.input_basis is not None:
-                input_sq = (weight @ tensor.input_basis - tensor.input_target).square().sum().item()
+                input_sq = (weight @ tensor.input_basis - tensor.input_target).square().sum()
+            update_sq, input_sq = tensor.sum_rows(torch.stack([full.update_sq(weight), input_sq])).tolist()
+            output_sq = zero
             if tensor.output_basis is not None:
-                output_sq = (tensor.output_basis.T @ weight - tensor.output_target).square().sum().item()
-            report.add(name, update_sq, input_sq, output_sq)
+                output_sq = (tensor.sum_rows(tensor.output_basis.T @ weight) - tensor.output_target).square().sum()
+            report.add(name, update_sq, input_sq, output_sq.item())
         for name, lora in self._lora.items():
             update_sq = input_sq = output_sq = 0.0
             for lora_a, lora_b, scaling in lora.factors:
-                a = read_model_param(lora_a.param)
-                b = read_model_param(lora_b.param)
+                a = read_model_param(lora_a.param)  # r x d_in: gathered whole under FSDP2, it is small
+                b = lora_b.read_run()
                 # ||s B A X||_F^2 = s^2 tr((B^T B)(A X)(A X)^T): r x r work instead of d_out x d_in.
-                btb = b.T @ b
+                btb = lora_b.sum_rows(b.T @ b)
                 update_sq += scaling**2 * torch.trace(btb @ (a @ a.T)).item()
                 if lora_a.input_basis is not None:
                     au = a @ lora_a.input_basis
                     input_sq += scaling**2 * torch.trace(btb @ (au @ au.T)).item()
                 if lora_b.output_basis is not None:
-                    vb = lora_b.output_basis.T @ b
+                    vb = lora_b.sum_rows(lora_b.output_basis.T @ b)
                     output_sq += scaling**2 * torch.trace((vb.T @ vb) @ (a @ a.T)).item()
             report.add(name, update_sq, input_sq, output_sq)
         return report

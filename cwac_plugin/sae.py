@@ -30,8 +30,8 @@ from cwac_plugin.models import (
     base_model_of,
     base_model_peft,
     decoder_layers,
-    zero3_partitioned,
 )
+from cwac_plugin.parallel import sharded_parameters
 
 FEATURES_FORMAT = "cwac-features/1"
 _HOOK_POINT = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -74,12 +74,16 @@ class ResidualTap:
         self.captured: list[Tensor] = []
         self._active = False
         self._stop = False
-        # Stopping a forward half-way would leave ZeRO-3's gathered parameters and prefetch trace behind.
-        self.can_stop_early = not zero3_partitioned(model)
         if side == "post":
             self._handle = self.layer.register_forward_hook(self._on_output)
         else:
             self._handle = self.layer.register_forward_pre_hook(self._on_input, with_kwargs=True)
+
+    @property
+    def can_stop_early(self) -> bool:
+        """Stopping a forward half-way would leave ZeRO-3's gathered parameters and prefetch trace, or
+        FSDP2's unsharded ones, behind. Asked at each forward: FSDP2 shards after the tap is built."""
+        return not sharded_parameters(self.layer)
 
     def _on_output(self, _module, _args, output):
         if self._active:
@@ -490,7 +494,7 @@ class ActivationConstraint:
         # Now, while the weights are the aligned ones even for full fine-tuning: a resumed run loads
         # its checkpoint later. ZeRO-3 parameters are empty shards until DeepSpeed's engine gathers
         # them, so there the references wait for the first step (see `check_resume`).
-        if self.anchor == "safety" and not zero3_partitioned(model):
+        if self.anchor == "safety" and not sharded_parameters(model):
             self._references = self._reference_activations(model)
 
     @property

@@ -9,11 +9,13 @@ QLoRA with the kernels is the one pair left to benchmarks/gpu_check.sh: their 4-
 needs CUDA (on CPU: "torch._C has no attribute _cuda_getCurrentRawStream").
 """
 
+import json
+
 import pytest
 import torch
 
 from conftest import DEEPSPEED, axolotl_config, check_ok, logged_steps, run
-from test_e2e_weight_constraint import LORA, TORCHRUN, check_verified
+from test_e2e_weight_constraint import LORA, TORCHRUN, check_verified, verify
 from tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -22,6 +24,15 @@ CPU_RANKS = ["cwac_plugin.CWACPlugin", "cpu_device_map_plugin.CPUDeviceMapPlugin
 ZERO1 = {**DEEPSPEED, "zero_optimization": {"stage": 1}}
 ZERO3 = {**DEEPSPEED, "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
 ZERO2_BF16 = {**DEEPSPEED, "bf16": {"enabled": True}}
+# FSDP2 as Axolotl's multi-GPU guide configures it; on CPU through cpu_fsdp_plugin (see its notes)
+FSDP2 = {
+    "fsdp_version": 2,
+    "fsdp_config": {
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
+    },
+    "plugins": [*CPU_RANKS, "cpu_fsdp_plugin.CPUFSDPPlugin"],
+}
 # What GPU users get by default for LoRA: Axolotl's fused qkv/o kernels (the MLP one needs Triton).
 KERNELS = {"lora_qkv_kernel": True, "lora_o_kernel": True}
 
@@ -34,6 +45,11 @@ HOLDS = {
     "lora-zero2-bf16": ({**LORA, "bf16": True, "deepspeed": ZERO2_BF16, "plugins": CPU_RANKS}, TORCHRUN),
     "phi3-fused-full": ({"architecture": "phi3"}, ()),
     "qlora-zero3": ({**LORA, "adapter": "qlora", "load_in_4bit": True, "deepspeed": ZERO3}, TORCHRUN),
+    "fsdp2-lora": ({**LORA, **FSDP2}, TORCHRUN),
+    "fsdp2-full": (FSDP2, TORCHRUN),
+    "fsdp2-lora-gradient": (
+        {**LORA, **FSDP2, "cwac": {"projection": "gradient"}, "optimizer": "sgd", "learning_rate": 0.5}, TORCHRUN
+    ),
 }
 
 
@@ -52,6 +68,7 @@ def tiny_models(tmp_path_factory, tiny_model):
 def prepared(tmp_path, tiny_models, data_files, overrides: dict, cwac: dict | None = None):
     """The cell's config, and its subspace computed from that same config, as a user would."""
     overrides = dict(overrides)
+    cwac = overrides.pop("cwac", cwac)
     model = tiny_models(overrides.pop("architecture", "llama"))
     config = axolotl_config(tmp_path, model, data_files, cwac=cwac or {}, **overrides)
     check_ok(run(["cwac", "subspace", str(config)], cwd=tmp_path))
@@ -77,6 +94,17 @@ def test_cell_holds(cell, tmp_path, tiny_models, data_files):
         assert result["input_leakage"] < 1e-5 and max(logged) < 1e-5
     if "kernels" in cell:
         assert "Patched attention class with LoRA optims" in (tmp_path / "out" / "debug.log").read_text()
+    report = json.loads((tmp_path / "out" / "cwac_report.json").read_text())["weight_constraint"]
+    assert report["fsdp2_sharded"] == cell.startswith("fsdp2")  # it followed FSDP2's shards
+
+
+def test_fsdp2_without_plugin_leaks(tmp_path, tiny_model, data_files, subspace_file):
+    """The fsdp2 cells' check can fail: the same run without CWAC moves the protected directions."""
+    overrides = {**LORA, **FSDP2, "plugins": FSDP2["plugins"][1:]}
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac=None, **overrides)
+    check_ok(run(["axolotl", "train", str(config), *TORCHRUN], cwd=tmp_path))
+    proc, result = verify(tmp_path, tiny_model, subspace_file, saves_adapter=True)
+    assert proc.returncode == 1 and result["input_leakage"] > 1e-2 and result["output_leakage"] > 1e-2
 
 
 def test_kernels_with_both_constraints(tmp_path, tiny_model, data_files, artifacts, coupled_cwac):
@@ -100,10 +128,7 @@ def refused_before_training(proc, tmp_path, key: str) -> None:
 
 # (overrides, the start of the plugin's own message: the key, then why)
 REFUSED = {
-    "fsdp2-lora": (
-        {**LORA, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
-        "fsdp_config / fsdp_version: cwac_plugin does not support FSDP yet",
-    ),
+    "fsdp1": ({**LORA, "fsdp_version": 1, "fsdp_config": {"reshard_after_forward": True}}, "fsdp_version: 1"),
     "dora": ({**LORA, "peft_use_dora": True}, "peft_use_dora: DoRA changes the weight"),
     "pissa": ({**LORA, "peft_init_lora_weights": "pissa"}, "peft_init_lora_weights: 'pissa' starts the adapter"),
     "pissa-zero2": (

@@ -3,24 +3,32 @@
 import pytest
 
 from conftest import axolotl_config, check_ok, log_history, logged_steps, run
-from test_e2e_weight_constraint import LORA, check_verified
+from test_e2e_matrix import FSDP2
+from test_e2e_weight_constraint import LORA, TORCHRUN, check_verified
 
 pytestmark = pytest.mark.e2e
 
 
-def test_resumed_full_finetune_keeps_both_constraints(tmp_path, tiny_model, data_files, subspace_file, artifacts, coupled_cwac):
+@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
+def test_resumed_full_finetune_keeps_both_constraints(
+    sharding, tmp_path, tiny_model, data_files, subspace_file, artifacts, coupled_cwac
+):
     """Stop at checkpoint-2, resume: steps 3-4 match the uninterrupted run, measured from W0.
 
     Full fine-tuning is the hard case: the resumed weights are not W0, so W0 U and the aligned
-    reference activations must come from before the checkpoint is loaded.
+    reference activations must come from before the checkpoint is loaded. Under FSDP2 the
+    checkpoint is loaded into the shards, after the constraint re-bound to them.
     """
     data = {**data_files, "train": artifacts["train"]}
+    overrides, launcher = (FSDP2, TORCHRUN) if sharding == "fsdp2" else ({}, [])
     runs = {}
     for name, resume in (("uninterrupted", {}), ("resumed", {"resume_from_checkpoint": str(tmp_path / "uninterrupted" / "out" / "checkpoint-2")})):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        config = axolotl_config(run_dir, tiny_model, data, cwac=coupled_cwac, save_steps=2, learning_rate=1e-2, **resume)
-        check_ok(run(["axolotl", "train", str(config)], cwd=run_dir))
+        config = axolotl_config(
+            run_dir, tiny_model, data, cwac=coupled_cwac, save_steps=2, learning_rate=1e-2, **resume, **overrides
+        )
+        check_ok(run(["axolotl", "train", str(config), *launcher], cwd=run_dir))
         runs[name] = {entry["step"]: entry for entry in logged_steps(run_dir / "out")}
 
     check_verified(tmp_path / "resumed", tiny_model, subspace_file, saves_adapter=False)

@@ -44,18 +44,33 @@ def one_process_group():
 
 
 def test_parameters_replaced_after_construction_are_refused():
-    """FSDP2's fully_shard (at accelerator.prepare, after the plugin built the constraint) swaps every
-    parameter for a DTensor: the constraint would project tensors nobody trains."""
+    """A wrapper that swaps parameters after the plugin built the constraint (as FSDP2's fully_shard
+    does at accelerator.prepare) would leave it projecting tensors nobody trains."""
+    model = tiny_llama()
+    constraint = WeightConstraint(model, random_subspace(model))
+    constraint.check_bound(model, torch.optim.AdamW(model.parameters()))  # still bound: fine
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.weight = nn.Parameter(q_proj.weight.detach().clone())
+    with pytest.raises(SubspaceError, match="no longer"):
+        constraint.check_bound(model, torch.optim.AdamW(model.parameters()))
+
+
+def test_fsdp2_shards_are_followed():
+    """The repro of ../shared/repro/fsdp2.py: after fully_shard the constraint re-binds to the
+    DTensors the optimizer steps (two-process training: test_fsdp2.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_llama()
     constraint = WeightConstraint(model, random_subspace(model))
-    constraint.check_bound(model, torch.optim.AdamW(model.parameters()))  # still bound: fine
     with one_process_group():
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(SubspaceError, match="no longer.*FSDP"):
-            constraint.check_bound(model, torch.optim.AdamW(model.parameters()))
+        optimizer = torch.optim.AdamW(model.parameters())
+        with pytest.raises(SubspaceError, match="no longer"):
+            constraint.check_bound(model, optimizer)
+        constraint.follow_sharding()
+        constraint.check_bound(model, optimizer)
+        assert constraint.sharded
 
 
 def test_tensors_the_optimizer_does_not_step_are_refused():
@@ -69,7 +84,9 @@ def test_tensors_the_optimizer_does_not_step_are_refused():
 @pytest.mark.parametrize(
     ("cfg", "key"),
     [
-        ({"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}, "fsdp_config"),
+        ({"fsdp_version": 1, "fsdp_config": {"reshard_after_forward": True}}, "fsdp_version"),
+        ({"fsdp_config": {"reshard_after_forward": True}}, "fsdp_version"),
+        ({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}, "cpu_ram_efficient_loading"),
         ({"fsdp": ["full_shard"]}, "fsdp"),
         ({"adapter": "lora", "relora": True}, "relora"),
         ({"adapter": "lora", "peft_init_lora_weights": "pissa"}, "peft_init_lora_weights"),
@@ -84,7 +101,16 @@ def test_settings_the_constraint_cannot_follow_are_refused_naming_the_key(cfg, k
         refuse_unsupported(cfg)
 
 
-@pytest.mark.parametrize("cfg", [{}, {"adapter": "lora"}, {"adapter": "lora", "peft_init_lora_weights": "gaussian"}])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"adapter": "lora"},
+        {"adapter": "lora", "peft_init_lora_weights": "gaussian"},
+        {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+        {"fsdp_config": {"fsdp_version": 2}},
+    ],
+)
 def test_zero_start_adapters_and_full_finetuning_are_accepted(cfg):
     refuse_unsupported(cfg)
 

@@ -90,7 +90,10 @@ def current_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tenso
 
 def measured_leakage(subspace: Subspace, before: dict, model: nn.Module) -> tuple[float, float, float]:
     """||dW||, ||dW U||/||dW|| and ||V^T dW||/||dW||, independently of WeightConstraint."""
-    after = current_weights(model, subspace.module_names)
+    return leakage_between(subspace, before, current_weights(model, subspace.module_names))
+
+
+def leakage_between(subspace: Subspace, before: dict, after: dict) -> tuple[float, float, float]:
     total = leak_in = leak_out = 0.0
     for name in subspace.module_names:
         delta = after[name] - before[name]

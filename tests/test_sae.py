@@ -110,7 +110,8 @@ def test_a_forward_that_cannot_stop_runs_the_lm_head_on_one_position():
     with torch.no_grad():
         full = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
     tap = ResidualTap(model, "blocks.0.hook_resid_post")
-    tap.can_stop_early = False  # what ZeRO-3 partitioned parameters set
+    next(tap.layer.parameters()).ds_id = 0  # the mark of a ZeRO-3 partitioned parameter
+    assert not tap.can_stop_early
     head_positions = []
     model.lm_head.register_forward_hook(lambda _module, args, _output: head_positions.append(args[0].shape[1]))
     hidden = run_and_capture(model, tap, {"input_ids": ids, "labels": ids})
