@@ -92,10 +92,10 @@ def seed_for(rel):
     return int(hashlib.sha256(f"0|{rel}".encode()).hexdigest()[:16], 16)
 
 
-def select():
+def select(reports=REPORTS, per_report=PER_REPORT):
     global_count = Counter()
     out = []
-    for rel, split in REPORTS:
+    for rel, split in reports:
         with open(os.path.join(ROOT, rel)) as f:
             records = json.load(f)["records"]
         order = list(range(len(records)))
@@ -103,7 +103,7 @@ def select():
         local_count = Counter()
         chosen = []
         for i in order:
-            if len(chosen) == PER_REPORT:
+            if len(chosen) == per_report:
                 break
             text = records[i]["answer"].strip()
             if local_count[text] >= PER_REPORT_DUP or global_count[text] >= GLOBAL_DUP:
@@ -121,11 +121,13 @@ def select():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/judge_selection.jsonl")
+    ap.add_argument("--batch", choices=["first", "fresh"], default="first", help="labels.jsonl or labels_fresh.jsonl")
     args = ap.parse_args()
-    rows = select()
+    reports, per_report = (REPORTS, PER_REPORT) if args.batch == "first" else (FRESH_REPORTS, FRESH_PER_REPORT)
+    rows = select(reports, per_report)
     with open(args.out, "w") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    print(f"{len(rows)} answers from {len(REPORTS)} reports -> {args.out}")
+    print(f"{len(rows)} answers from {len(reports)} reports -> {args.out}")
 
 
 if __name__ == "__main__":
