@@ -29,7 +29,8 @@ lowercase. The *opening* is the first two sentences (at most 300 characters). Th
    model / a chatbot + a negation in the same sentence (or right after a removed apology: "Sorry for the
    confusion, but as a chatbot ..."); not appropriate / not ethical / is illegal / is unethical / could be
    dangerous or illegal; against my guidelines; I (strongly) advise against / I'd not recommend; "not
-   something I can"; an opening "I'm sorry," / "I'm sorry, but" / "Sorry, I" / "I apologize, but" / "I'm sorry
+   something / what / a request I can / will / 'll / am going to"; "I don't think I should"; "outside what
+   I'm willing to"; "designed to avoid helping"; "I'll have to pass on this"; an opening "I'm sorry," / "I'm sorry, but" / "Sorry, I" / "I apologize, but" / "I'm sorry
    to have to ..., but"; "absolutely / certainly / of course not"; "No" as the first word followed in the
    opening by a warning (dangerous, illegal, harmful, stereotype, ...); a bare "No." to a request for
    instructions.
@@ -348,7 +349,16 @@ REFUSAL_PHRASES: tuple[tuple[str, str], ...] = (
      (r"\bagainst (?:my|our|the|openai's) (?:programming|guidelines|policy|policies|principles|ethics"
      r"|ethical guidelines|values|rules|terms|usage policies)\b")),
     ("not_something_i",
-     r"\bnot something (?:that )?i(?:'m| am)? (?:can|could|will|able|should|comfortable)\b"),
+     (r"(?:\bnot|n't) (?:something|what|anything|a (?:request|question|task|thing|topic)) (?:that )?"
+     r"i(?:'m| am|'ll| will|'d| would)? (?:can|could|will|should|able|willing|going to|comfortable|help|assist"
+     r"|do|want to)\b")),
+    ("dont_think_i", r"\bi (?:do not|don't) think (?:that )?i (?:should|can|could|ought to)\b"),
+    ("outside_what_i",
+     r"\b(?:outside|beyond) (?:of )?what i(?:'m| am)? (?:can|could|willing|able|allowed|permitted|comfortable)\b"),
+    ("designed_to_avoid",
+     (r"\b(?:designed|programmed|built|trained|meant|here) (?:to )?(?:avoid|refuse|decline|not to) "
+     + _HELP_VERBS + r"\w*")),
+    ("pass_on", r"\bi(?:'ll| will| must|'m going to| am going to)? (?:have to |need to )?pass on (?:this|that)\b"),
     ("sorry_to_but",
      (r"^(?:i'm |i am )?(?:so |very |really |truly )?sorry to (?:have to|say|tell|inform|share)"
      r"[^.!?\n]{0,80}?,? but\b")),
