@@ -6,6 +6,7 @@ and `cwac` block are exactly the ones `axolotl train` will use.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -81,30 +82,9 @@ def cwac():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@cwac.command()
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of cwac.subspace.")
-def subspace(config: Path, output: Path | None):
-    """Compute the safety subspace of the aligned model in CONFIG and write cwac.subspace."""
-    from cwac_plugin.subspace import SubspaceData, compute_subspace, describe
-
-    cfg, settings, target, max_length = _job(config, output, "subspace", "the file to write")
-    data = SubspaceData.load(settings)  # data errors surface before the model is loaded
-    model, tokenizer = _load_model(cfg, max_length, data.safety + (data.contrast or []) if data else [])
-    result = compute_subspace(model, tokenizer, settings, max_length, data)
-    path = result.save(target)
-    click.echo(f"wrote {path}: {describe(result)}")
-
-
-@cwac.command("train-sae")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Write here instead of cwac.sae.")
-def train_sae_command(config: Path, output: Path | None):
-    """Train a TopK SAE at cwac.hook_point on the safety and contrast data; write cwac.sae."""
+def _sae_examples(config: Path, settings):
     from cwac_plugin.data import load_examples
-    from cwac_plugin.sae import train_sae
 
-    cfg, settings, target, max_length = _job(config, output, "sae", "the SAE directory to write")
     if not settings.hook_point:
         raise click.UsageError(f"{config}: set cwac.hook_point (e.g. blocks.6.hook_resid_post)")
     if not settings.safety_data:
@@ -112,12 +92,77 @@ def train_sae_command(config: Path, output: Path | None):
     examples = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
     if settings.contrast_data:
         examples += load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
-    model, tokenizer = _load_model(cfg, max_length, examples)
-    report = train_sae(model, tokenizer, settings, examples, max_length, target)
+    return examples
+
+
+def _feature_examples(config: Path, settings):
+    from cwac_plugin.data import load_examples
+
+    if not (settings.safety_data and settings.contrast_data):
+        raise click.UsageError(f"{config}: cwac.safety_data (harmful) and cwac.contrast_data (benign) are both needed")
+    harmful = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
+    benign = load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
+    return harmful, benign
+
+
+def _make_subspace(settings, data, model, tokenizer, max_length: int, target: Path, recipe: dict) -> None:
+    from cwac_plugin.prepare import RECIPE_KEY
+    from cwac_plugin.subspace import compute_subspace, describe
+
+    result = compute_subspace(model, tokenizer, settings, max_length, data)
+    result.metadata[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
+    path = result.save(target)
+    click.echo(f"wrote {path}: {describe(result)}")
+
+
+def _make_sae(settings, examples, model, tokenizer, max_length: int, target: Path, recipe: dict) -> None:
+    from cwac_plugin.sae import train_sae
+
+    report = train_sae(model, tokenizer, settings, examples, max_length, target, recipe=recipe)
     click.echo(
         f"wrote {target}: explained variance {report['explained_variance']:.3f}, L0 {report['l0']:.1f}, "
         f"dead features {report['dead_features']}/{report['d_sae']} (on {report['tokens']} held-out tokens)"
     )
+
+
+def _make_features(settings, harmful, benign, model, tokenizer, max_length: int, target: Path, recipe: dict, top: int):
+    from cwac_plugin.sae import feature_table, load_sae, select_features
+
+    sae = load_sae(settings)
+    sae.to(next(model.parameters()).device)
+    feature_set, z_harm, _ = select_features(model, tokenizer, sae, settings, harmful, benign, max_length)
+    feature_set.recipe = recipe
+    feature_set.save(target)
+    click.echo(f"wrote {target}: {len(feature_set.indices)} features at {feature_set.hook_point}")
+    if top:
+        click.echo(feature_table(feature_set, z_harm, harmful, top))
+
+
+@cwac.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of cwac.subspace.")
+def subspace(config: Path, output: Path | None):
+    """Compute the safety subspace of the aligned model in CONFIG and write cwac.subspace."""
+    from cwac_plugin.prepare import wanted_recipe
+    from cwac_plugin.subspace import SubspaceData
+
+    cfg, settings, target, max_length = _job(config, output, "subspace", "the file to write")
+    data = SubspaceData.load(settings)  # data errors surface before the model is loaded
+    model, tokenizer = _load_model(cfg, max_length, data.safety + (data.contrast or []) if data else [])
+    _make_subspace(settings, data, model, tokenizer, max_length, target, wanted_recipe(cfg, settings, "subspace"))
+
+
+@cwac.command("train-sae")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Write here instead of cwac.sae.")
+def train_sae_command(config: Path, output: Path | None):
+    """Train a TopK SAE at cwac.hook_point on the safety and contrast data; write cwac.sae."""
+    from cwac_plugin.prepare import wanted_recipe
+
+    cfg, settings, target, max_length = _job(config, output, "sae", "the SAE directory to write")
+    examples = _sae_examples(config, settings)
+    model, tokenizer = _load_model(cfg, max_length, examples)
+    _make_sae(settings, examples, model, tokenizer, max_length, target, wanted_recipe(cfg, settings, "sae"))
 
 
 @cwac.command()
@@ -126,22 +171,51 @@ def train_sae_command(config: Path, output: Path | None):
 @click.option("--top", type=int, default=0, help="Print the N best features with the prompts that fire them most.")
 def features(config: Path, output: Path | None, top: int):
     """Select the SAE features that separate harmful from benign prompts; write cwac.features."""
-    from cwac_plugin.data import load_examples
-    from cwac_plugin.sae import feature_table, load_sae, select_features
+    from cwac_plugin.prepare import recorded_recipe, wanted_recipe
 
     cfg, settings, target, max_length = _job(config, output, "features", "the JSON to write")
-    if not (settings.safety_data and settings.contrast_data):
-        raise click.UsageError(f"{config}: cwac.safety_data (harmful) and cwac.contrast_data (benign) are both needed")
-    harmful = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
-    benign = load_examples(settings.contrast_data, "cwac.contrast_data", settings.max_examples)
-    sae = load_sae(settings)
+    harmful, benign = _feature_examples(config, settings)
+    sae_recipe = None if settings.sae_release else recorded_recipe(settings, "sae")
+    recipe = wanted_recipe(cfg, settings, "features", {"sae": sae_recipe})
     model, tokenizer = _load_model(cfg, max_length, harmful + benign)
-    sae.to(next(model.parameters()).device)
-    feature_set, z_harm, _ = select_features(model, tokenizer, sae, settings, harmful, benign, max_length)
-    feature_set.save(target)
-    click.echo(f"wrote {target}: {len(feature_set.indices)} features at {feature_set.hook_point}")
-    if top:
-        click.echo(feature_table(feature_set, z_harm, harmful, top))
+    _make_features(settings, harmful, benign, model, tokenizer, max_length, target, recipe, top)
+
+
+@cwac.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def prepare(config: Path):
+    """Make every artifact the cwac block needs (subspace, SAE, features), skipping those up to date.
+
+    Each artifact records what it was made from (model, settings, data); one made from anything else
+    is remade, and so are the features of a remade SAE. The model is loaded once, only if needed.
+    """
+    from cwac_plugin.plugin import settings_from
+    from cwac_plugin.prepare import staleness
+    from cwac_plugin.subspace import SubspaceData
+
+    cfg = load_axolotl_config(config)
+    settings = settings_from(cfg)
+    recipes, stale = staleness(cfg, settings)
+    for artifact in recipes:
+        click.echo(f"{artifact} ({getattr(settings, artifact) or settings.sae_release}): {stale.get(artifact, 'up to date')}")
+    if not stale:
+        click.echo("nothing to do")
+        return
+    for artifact in stale:
+        if getattr(settings, artifact) is None:
+            raise click.UsageError(f"{config}: set cwac.{artifact} (where to write it)")
+    max_length = settings.max_length or cfg.sequence_len
+    data = SubspaceData.load(settings) if "subspace" in stale else None  # data errors before the model loads
+    sae_examples = _sae_examples(config, settings) if "sae" in stale else []
+    harmful, benign = _feature_examples(config, settings) if "features" in stale else ([], [])
+    examples = (data.safety + (data.contrast or []) if data else []) + sae_examples + harmful + benign
+    model, tokenizer = _load_model(cfg, max_length, examples)
+    if "subspace" in stale:
+        _make_subspace(settings, data, model, tokenizer, max_length, Path(settings.subspace), recipes["subspace"])
+    if "sae" in stale:
+        _make_sae(settings, sae_examples, model, tokenizer, max_length, Path(settings.sae), recipes["sae"])
+    if "features" in stale:
+        _make_features(settings, harmful, benign, model, tokenizer, max_length, Path(settings.features), recipes["features"], 0)
 
 
 @cwac.command("eval")

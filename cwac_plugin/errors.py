@@ -7,3 +7,7 @@ class SubspaceError(ValueError):
 
 class SAEConfigError(ValueError):
     """The SAE, hook point or feature file does not fit the model."""
+
+
+class ArtifactError(ValueError):
+    """A precomputed artifact is missing or was made from other settings, data or model."""

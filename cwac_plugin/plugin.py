@@ -9,6 +9,7 @@ from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example
 from cwac_plugin.guards import refuse_unsupported
 from cwac_plugin.hf import install
+from cwac_plugin.prepare import check_prepared
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint, FeatureSet, SAEConfigError, load_anchor_examples, load_sae
 from cwac_plugin.subspace import Subspace, check_model_matches, check_settings_match
@@ -47,6 +48,7 @@ class CWACPlugin(BasePlugin):
         """Read every artifact now: a missing or malformed file fails before the model is loaded."""
         settings = settings_from(cfg)
         refuse_unsupported(cfg)
+        check_prepared(cfg, settings)
         if settings.weight_constraint:
             self.subspace = Subspace.load(settings.subspace)
             check_settings_match(self.subspace, settings)

@@ -249,8 +249,8 @@ def reconstruction_report(sae, activations: Tensor) -> dict[str, float]:
 
 def train_sae(
     model: nn.Module, tokenizer, cfg: CWACConfig, examples: list[Example], max_length: int, out_dir: str | Path,
-    seed: int = 0,
-) -> dict[str, float]:
+    seed: int = 0, recipe: dict | None = None,
+) -> dict:
     """Train a TopK SAE on the model's activations at `cfg.hook_point` and save it (sae-lens format).
 
     Activations of `examples` are computed once and replayed, shuffled, to sae-lens's
@@ -299,6 +299,8 @@ def train_sae(
     )
     sae = trainer.fit()
     report = reconstruction_report(sae.eval(), held_out.to(device)) | {"training_tokens": cfg.sae_training_tokens}
+    if recipe is not None:  # what `cwac prepare` compares, to tell an up-to-date SAE from a stale one
+        report["recipe"] = recipe
 
     def write(directory: Path) -> None:
         sae.save_inference_model(directory)
@@ -360,6 +362,7 @@ class FeatureSet:
     d_sae: int
     model: str = ""
     format: str = FEATURES_FORMAT
+    recipe: dict | None = None  # what it was made from (`cwac prepare`)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

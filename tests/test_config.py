@@ -74,10 +74,27 @@ def test_plugin_without_block_is_an_error():
 
 
 def test_plugin_rejects_a_subspace_computed_under_other_settings(subspace_file):
+    """The config `cwac subspace` ran on passes; with cwac.rank edited afterwards the file is stale."""
+    from cwac_plugin.errors import ArtifactError
     from cwac_plugin.plugin import CWACPlugin
-    from cwac_plugin.subspace import SubspaceError
 
-    block = {"subspace": str(subspace_file), "rank": 8, "output_rank": 4}
+    cfg = yaml.safe_load((subspace_file.parent / "config.yml").read_text())
+    CWACPlugin().pre_model_load(cfg)
+    cfg["cwac"]["rank"] = 16
+    with pytest.raises(ArtifactError, match=r"stale \(settings.rank: 8 -> 16\): run `cwac prepare"):
+        CWACPlugin().pre_model_load(cfg)
+
+
+def test_a_subspace_without_a_recipe_is_still_checked_against_the_block(subspace_file, tmp_path):
+    """Files from the Python API (or an older version) record no recipe: their own settings check holds."""
+    from cwac_plugin.plugin import CWACPlugin
+    from cwac_plugin.prepare import RECIPE_KEY
+    from cwac_plugin.subspace import Subspace, SubspaceError
+
+    subspace = Subspace.load(subspace_file)
+    del subspace.metadata[RECIPE_KEY]
+    path = subspace.save(tmp_path / "no_recipe.safetensors")
+    block = {"subspace": str(path), "rank": 8, "output_rank": 4}
     CWACPlugin().pre_model_load({"cwac": block})
     with pytest.raises(SubspaceError, match="computed with rank=8 but cwac.rank is 16"):
         CWACPlugin().pre_model_load({"cwac": {**block, "rank": 16}})
@@ -88,7 +105,7 @@ def test_training_with_missing_subspace_fails_before_model_load(tmp_path, tiny_m
     proc = run(["axolotl", "train", str(config)], cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "nope.safetensors does not exist. Compute it first with `cwac subspace" in output
+    assert f"cwac.subspace: {tmp_path / 'nope.safetensors'} is missing: run `cwac prepare {config}`" in output
     assert "Loading weights" not in output  # failed before the model was loaded
 
 

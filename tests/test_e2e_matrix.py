@@ -47,6 +47,10 @@ HOLDS = {
     "qlora-zero3": ({**LORA, "adapter": "qlora", "load_in_4bit": True, "deepspeed": ZERO3}, TORCHRUN),
     "fsdp2-lora": ({**LORA, **FSDP2}, TORCHRUN),
     "fsdp2-full": (FSDP2, TORCHRUN),
+    # saved as DCP shards, which Axolotl merges into output_dir from the last checkpoint
+    "fsdp2-full-sharded": (
+        {**FSDP2, "fsdp_config": {**FSDP2["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}}, TORCHRUN
+    ),
     "fsdp2-lora-gradient": (
         {**LORA, **FSDP2, "cwac": {"projection": "gradient"}, "optimizer": "sgd", "learning_rate": 0.5}, TORCHRUN
     ),
