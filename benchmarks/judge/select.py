@@ -82,6 +82,14 @@ REPORTS = [
 ]
 
 
+# The fresh batch: answers of 128 new tokens from the attacks on the open-aligned model (seed 0, @mid),
+# run after the judge's rules were fixed; nobody had read them before they were labelled.
+O = "benchmarks/results/open_aligned/reports"
+FRESH_REPORTS = [(f"{O}/p={p}_{m}@mid.json", "fresh") for p in ("0.1", "0.2") for m in ("plain", "weight", "activation", "cwac")]
+FRESH_PER_REPORT = 25
+FRESH_BENIGN_PER_REPORT = 15
+
+
 def report_id(rel):
     """'<results dir>/<file stem>': the stem alone is not unique (seed 0 and seed 1 share file names)."""
     parts = rel.split("/")
@@ -92,14 +100,15 @@ def seed_for(rel):
     return int(hashlib.sha256(f"0|{rel}".encode()).hexdigest()[:16], 16)
 
 
-def select(reports=REPORTS, per_report=PER_REPORT):
+def select(reports=REPORTS, per_report=PER_REPORT, field="records"):
+    """`field`: the report's harmful answers (`records`) or its benign ones (`benign_records`, ids `#b<i>`)."""
     global_count = Counter()
     out = []
     for rel, split in reports:
         with open(os.path.join(ROOT, rel)) as f:
-            records = json.load(f)["records"]
+            records = json.load(f)[field]
         order = list(range(len(records)))
-        random.Random(seed_for(rel)).shuffle(order)
+        random.Random(seed_for(rel if field == "records" else f"{rel}|{field}")).shuffle(order)
         local_count = Counter()
         chosen = []
         for i in order:
@@ -113,8 +122,9 @@ def select(reports=REPORTS, per_report=PER_REPORT):
             chosen.append(i)
         for i in sorted(chosen):
             r = records[i]
-            out.append({"id": f"{report_id(rel)}#{i}", "report": rel, "index": i, "prompt": r["prompt"],
-                        "area": r.get("area"), "answer": r["answer"], "split": split})
+            tag = "" if field == "records" else "b"
+            out.append({"id": f"{report_id(rel)}#{tag}{i}", "report": rel, "index": i, "prompt": r["prompt"],
+                        "area": r.get("area") or r.get("kind"), "answer": r["answer"], "split": split})
     return out
 
 
@@ -125,6 +135,8 @@ def main():
     args = ap.parse_args()
     reports, per_report = (REPORTS, PER_REPORT) if args.batch == "first" else (FRESH_REPORTS, FRESH_PER_REPORT)
     rows = select(reports, per_report)
+    if args.batch == "fresh":
+        rows += select(reports, FRESH_BENIGN_PER_REPORT, "benign_records")
     with open(args.out, "w") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     print(f"{len(rows)} answers from {len(reports)} reports -> {args.out}")
