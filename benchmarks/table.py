@@ -84,7 +84,9 @@ def rows() -> list[dict]:
             if (folder / results_file).exists():
                 results = json.loads((folder / results_file).read_text())
                 if "align" in results:  # recorded by the run that aligned, whichever split it scored
-                    recipe = recipe or f"open, {results['align']['epochs']:g} epoch alignment"
+                    align = results["align"]
+                    repeats = align.get("benign_repeats", 1)
+                    recipe = recipe or f"open, {align['epochs']:g} epoch alignment" + (f", benign x{repeats}" if repeats > 1 else "")
                 prefix = "" if results_file == "results.json" else "validation_"
                 runs |= {f"{prefix}{key.replace('/', '_')}": run for key, run in results["runs"].items()}
                 seed = results.get("config", {}).get("seed", PRIMALITY_ALIGNED.get(folder.name, 0))

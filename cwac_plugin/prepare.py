@@ -2,9 +2,9 @@
 
 Each artifact records its *recipe*: the model, the `cwac` settings it depends on, the content of the
 data files it was made from and, for the features, the SAE's recipe (not `max_length`: no example is
-ever truncated, so it changes nothing made). It is up to date when that
-record equals what the block asks for now, so changing `cwac.rank` redoes the subspace only, and a
-retrained SAE redoes the features too. Training refuses a stale artifact, naming what changed.
+ever truncated, so it changes nothing made). It is up to date when that record equals what the block
+asks for now, so changing `cwac.rank` redoes the subspace only, and a retrained SAE redoes the
+features too. Training refuses a missing or stale artifact, naming what changed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from cwac_plugin.config import CWACConfig
 from cwac_plugin.errors import ArtifactError
 
 RECIPE_KEY = "cwac_recipe"
+NO_RECIPE = "records no recipe (made by an older cwac_plugin or through the Python API)"
 
 # the settings each artifact depends on, beside the model and the data
 SETTINGS = {
@@ -102,10 +103,10 @@ def staleness(cfg, settings: CWACConfig) -> tuple[dict[str, dict], dict[str, str
         except FileNotFoundError:
             stale[artifact] = "missing"
             continue
-        if artifact == "features" and "sae" in stale:
+        if recorded is None:
+            stale[artifact] = NO_RECIPE
+        elif artifact == "features" and "sae" in stale:
             stale[artifact] = "its SAE is remade"
-        elif recorded is None:
-            stale[artifact] = "records no recipe (made by an older cwac_plugin)"
         elif recorded != recipes[artifact]:
             stale[artifact] = "; ".join(differences(recorded, recipes[artifact])[:4])
     return recipes, stale
@@ -119,7 +120,7 @@ def check_prepared(cfg, settings: CWACConfig) -> None:
     """
     _, stale = staleness(cfg, settings)
     for artifact, why in stale.items():
-        if not why.startswith("records no recipe"):
+        if why != NO_RECIPE:
             state = "missing" if why == "missing" else f"stale ({why})"
             raise ArtifactError(f"cwac.{artifact}: {getattr(settings, artifact)} is {state}: run `cwac prepare {config_name()}`")
 
