@@ -175,8 +175,11 @@ def features(config: Path, output: Path | None, top: int):
 
     cfg, settings, target, max_length = _job(config, output, "features", "the JSON to write")
     harmful, benign = _feature_examples(config, settings)
-    sae_recipe = None if settings.sae_release else recorded_recipe(settings, "sae")
-    recipe = wanted_recipe(cfg, settings, "features", {"sae": sae_recipe})
+    try:
+        sae_recipe = None if settings.sae_release else recorded_recipe(settings, "sae")
+    except FileNotFoundError:
+        sae_recipe = None  # load_sae, below, says what to do
+    recipe = wanted_recipe(cfg, settings, "features", sae_recipe)
     model, tokenizer = _load_model(cfg, max_length, harmful + benign)
     _make_features(settings, harmful, benign, model, tokenizer, max_length, target, recipe, top)
 

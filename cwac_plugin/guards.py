@@ -40,6 +40,12 @@ def refuse_unsupported(cfg) -> None:
             f"fsdp_version: {get('fsdp_version') or fsdp_config.get('fsdp_version')!r}: cwac_plugin follows FSDP2's "
             "sharded parameters, not FSDP1's flat ones (deprecated in Axolotl). Set fsdp_version: 2"
         )
+    for key in ("tensor_parallel_size", "dp_replicate_size"):
+        if (get(key) or 1) > 1:
+            raise SubspaceError(
+                f"{key}: {get(key)}: tensor parallelism and HSDP shard parameters in ways the weight constraint "
+                f"does not follow (it follows FSDP2's Shard(0) over one mesh dimension). Remove {key}"
+            )
     if fsdp_config.get("cpu_ram_efficient_loading"):
         raise SubspaceError(
             "fsdp_config.cpu_ram_efficient_loading: ranks other than 0 then load no weights, and the "

@@ -45,13 +45,15 @@ def needed(settings: CWACConfig) -> list[str]:
     return artifacts
 
 
-def model_identity(cfg) -> str:
-    """The model the artifacts are computed on. Its precision is checked apart (`check_precision_matches`,
-    which `cwac.allow_precision_mismatch` can waive)."""
-    return str(cfg.get("base_model"))
+def model_identity(cfg) -> dict:
+    """The model the artifacts are computed on, and what decides how the data are tokenised. Its
+    precision is checked apart (`check_precision_matches`, which `cwac.allow_precision_mismatch` waives)."""
+    return {key: cfg.get(key) for key in ("base_model", "revision_of_model", "chat_template")}
 
 
-def wanted_recipe(cfg, settings: CWACConfig, artifact: str, recipes: dict[str, dict] | None = None) -> dict:
+def wanted_recipe(cfg, settings: CWACConfig, artifact: str, sae_recipe: dict | None = None) -> dict:
+    """What `artifact` is made from now; for the features, `sae_recipe` is the recipe of the SAE they
+    are selected from (a hub SAE is named by its release and id instead)."""
     recipe = {
         "artifact": artifact,
         "model": model_identity(cfg),
@@ -59,26 +61,33 @@ def wanted_recipe(cfg, settings: CWACConfig, artifact: str, recipes: dict[str, d
         "data": {key: file_digest(getattr(settings, key)) for key in ("safety_data", "contrast_data")},
     }
     if artifact == "features":
-        recipe["sae"] = (recipes or {}).get("sae") or {"release": settings.sae_release, "id": settings.sae_id}
+        recipe["sae"] = {"release": settings.sae_release, "id": settings.sae_id} if settings.sae_release else sae_recipe
     return json.loads(json.dumps(recipe))  # as it reads back from a file: tuples as lists
 
 
 def recorded_recipe(settings: CWACConfig, artifact: str) -> dict | None:
-    """The recipe an existing artifact records; None for one made before recipes were recorded.
+    """The recipe an existing artifact records: None if it records none (an older version, the Python
+    API, or a file too malformed to tell: its loader says what is wrong with it), `{"external": path}`
+    for an SAE not trained by cwac_plugin (a sae-lens directory without our report), used as it is.
     Raises FileNotFoundError for a missing artifact."""
-    path = Path(getattr(settings, artifact) or "")
-    if artifact == "subspace":
-        if not path.is_file():
-            raise FileNotFoundError(path)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get(RECIPE_KEY)
-        return json.loads(text) if text else None
+    if getattr(settings, artifact) is None:
+        raise FileNotFoundError(f"cwac.{artifact} is not set")
+    path = Path(getattr(settings, artifact))
+    if artifact == "sae" and (path / "cfg.json").is_file() and not (path / "cwac_report.json").is_file():
+        return {"external": str(path)}
     file = path / "cwac_report.json" if artifact == "sae" else path
     if not file.is_file():
         raise FileNotFoundError(path)
-    return json.loads(file.read_text()).get("recipe")
+    try:
+        if artifact == "subspace":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get(RECIPE_KEY)
+            return json.loads(text) if text else None
+        return json.loads(file.read_text()).get("recipe")
+    except Exception:  # noqa: BLE001 -- malformed: left to the artifact's own loader to describe
+        return None
 
 
 def differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -93,22 +102,42 @@ def differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def staleness(cfg, settings: CWACConfig) -> tuple[dict[str, dict], dict[str, str]]:
-    """(the wanted recipe of each needed artifact, why each stale one must be made: missing / what changed)."""
+def staleness(cfg, settings: CWACConfig, at_training: bool = False) -> tuple[dict[str, dict], dict[str, str]]:
+    """(the wanted recipe of each needed artifact, why each stale one must be made: missing / what changed).
+
+    `at_training`: a data file absent where training runs (it needs none for the weight constraint alone)
+    is not compared: its absence says nothing about the artifact.
+    """
     recipes, stale = {}, {}
+    sae_recipe = None  # what the features must have been selected from
+
+    def remade(artifact: str) -> bool:  # `cwac prepare` remakes every stale artifact; training keeps old ones
+        return artifact in stale and not (at_training and stale[artifact] == NO_RECIPE)
+
     for artifact in needed(settings):
-        recipes[artifact] = wanted_recipe(cfg, settings, artifact, recipes)
+        recipes[artifact] = wanted_recipe(cfg, settings, artifact, sae_recipe)
         try:
             recorded = recorded_recipe(settings, artifact)
         except FileNotFoundError:
             stale[artifact] = "missing"
+            sae_recipe = recipes[artifact] if artifact == "sae" else sae_recipe
             continue
+        wanted = recipes[artifact]
+        if at_training and recorded:
+            for key, digest in list(wanted["data"].items()):
+                if digest is None:
+                    recorded.get("data", {}).pop(key, None)
+                    wanted["data"].pop(key)
         if recorded is None:
             stale[artifact] = NO_RECIPE
-        elif artifact == "features" and "sae" in stale:
+        elif "external" in recorded:
+            recipes[artifact] = recorded
+        elif artifact == "features" and remade("sae"):
             stale[artifact] = "its SAE is remade"
-        elif recorded != recipes[artifact]:
-            stale[artifact] = "; ".join(differences(recorded, recipes[artifact])[:4])
+        elif recorded != wanted:
+            stale[artifact] = "; ".join(differences(recorded, wanted)[:4])
+        if artifact == "sae":  # the features follow the SAE as it will be: remade as wanted, or kept
+            sae_recipe = recipes[artifact] if remade(artifact) else recorded
     return recipes, stale
 
 
@@ -118,9 +147,9 @@ def check_prepared(cfg, settings: CWACConfig) -> None:
     An artifact that records no recipe (made by an older version, or through the Python API) is left
     to the checks each artifact does of itself (`check_settings_match`, `FeatureSet.check_against`).
     """
-    _, stale = staleness(cfg, settings)
+    _, stale = staleness(cfg, settings, at_training=True)
     for artifact, why in stale.items():
-        if why != NO_RECIPE:
+        if why != NO_RECIPE and getattr(settings, artifact) is not None:  # unset: its loader asks for it
             state = "missing" if why == "missing" else f"stale ({why})"
             raise ArtifactError(f"cwac.{artifact}: {getattr(settings, artifact)} is {state}: run `cwac prepare {config_name()}`")
 

@@ -117,8 +117,9 @@ class ProtectedTensor:
         rows, device = self.shards.rows, current.to_local().device
         self.param = current
         self.input_basis = None if self.input_basis is None else self.input_basis.to(device)
-        self.output_basis = None if self.output_basis is None else self.output_basis[rows].to(device)
-        self.input_target = None if self.input_target is None else self.input_target[rows].to(device)
+        # clones: a view would keep the whole V and R alive on every rank
+        self.output_basis = None if self.output_basis is None else self.output_basis[rows].to(device).clone()
+        self.input_target = None if self.input_target is None else self.input_target[rows].to(device).clone()
         self.output_target = None if self.output_target is None else self.output_target.to(device)
         return True
 
@@ -380,8 +381,14 @@ class WeightConstraint:
         for full in self._full.values():
             if full.weight.follow_sharding() and full.sketch is not None:
                 device = full.weight.param.to_local().device
-                full.sketch = full.sketch.to(device)
-                full.initial_sketched = full.initial_sketched[full.weight.shards.rows].to(device)
+                full.sketch = self._sketches.setdefault((full.sketch.shape[0], device), full.sketch.to(device))
+                full.initial_sketched = full.initial_sketched[full.weight.shards.rows].to(device).clone()
+        if len({t.shards is None for t in self.tensors}) > 1:
+            unsharded = next(t.module_name for t in self.tensors if t.shards is None)
+            raise SubspaceError(
+                f"{unsharded}: FSDP2 sharded some protected parameters and not this one (fsdp_config.ignored_modules?); "
+                "the constraint follows all of them sharded or none. Shard every protected module"
+            )
         self._factor_stacks = _stack_factors(self._trained_factors)
 
     def check_bound(self, model: nn.Module, optimizer=None) -> None:
@@ -426,9 +433,10 @@ class WeightConstraint:
         """
         if self.mode != "gradient" or not self.sharded:
             return
-        for tensor in self.tensors:  # every rank holds a gradient for each: the all-reduces match
-            local = tensor.param.grad.to_local()
-            local.copy_(tensor.project_gradient(local))
+        for tensor in self.tensors:  # FSDP2 gives a gradient on every rank or none: the all-reduces match
+            if tensor.param.grad is not None:
+                local = tensor.param.grad.to_local()
+                local.copy_(tensor.project_gradient(local))
 
     def detach(self) -> None:
         for handle in self._hooks:

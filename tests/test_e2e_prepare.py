@@ -45,7 +45,6 @@ def test_prepare_makes_what_is_missing_and_redoes_only_what_is_stale(tmp_path, t
     assert remade["subspace"] != made["subspace"]
     assert remade["sae"] == made["sae"] and remade["features"] == made["features"]
 
-    (tmp_path / "safety.jsonl").write_text(data_files["safety"].read_text())  # same prompts, new file: stale
     raw["cwac"]["sae_k"] = 8
     config.write_text(yaml.safe_dump(raw))
     assert "its SAE is remade" in prepare(config, tmp_path)  # a new SAE takes new features with it

@@ -88,6 +88,8 @@ def test_tensors_the_optimizer_does_not_step_are_refused():
         ({"fsdp_config": {"reshard_after_forward": True}}, "fsdp_version"),
         ({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}, "cpu_ram_efficient_loading"),
         ({"fsdp": ["full_shard"]}, "fsdp"),
+        ({"fsdp_version": 2, "fsdp_config": {}, "tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"fsdp_version": 2, "fsdp_config": {}, "dp_replicate_size": 2}, "dp_replicate_size"),
         ({"adapter": "lora", "relora": True}, "relora"),
         ({"adapter": "lora", "peft_init_lora_weights": "pissa"}, "peft_init_lora_weights"),
         ({"adapter": "lora", "peft_init_lora_weights": "olora"}, "peft_init_lora_weights"),
