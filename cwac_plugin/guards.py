@@ -140,3 +140,18 @@ def coverage_of(model: nn.Module, protected: list[nn.Parameter]) -> Coverage:
         trainable=sum(_numel(p) for _, p in trainable),
         unprotected=[name for name, _ in unprotected],
     )
+
+
+def save_precision_warning(cfg) -> str | None:
+    """What the saved model will not show although training holds it (said, not refused: the bound
+    that remains is the save's rounding, which `cwac verify` allows for and reports)."""
+    fsdp_config = cfg.get("fsdp_config") or {}
+    final = fsdp_config.get("final_state_dict_type") or fsdp_config.get("state_dict_type")
+    if final == "SHARDED_STATE_DICT" and not cfg.get("adapter") and not cfg.get("bf16"):
+        return (
+            "fsdp_config.state_dict_type: SHARDED_STATE_DICT: Axolotl merges the final checkpoint's shards into "
+            "bfloat16 weights, so the saved model keeps the weight constraint only up to bf16 rounding of W "
+            "(`cwac verify` allows for it and says so). Set fsdp_config.final_state_dict_type: FULL_STATE_DICT "
+            "to save the exact float32 weights"
+        )
+    return None

@@ -7,7 +7,7 @@ from axolotl.utils.logging import get_logger
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example
-from cwac_plugin.guards import refuse_unsupported
+from cwac_plugin.guards import refuse_unsupported, save_precision_warning
 from cwac_plugin.hf import install
 from cwac_plugin.prepare import check_prepared
 from cwac_plugin.projection import WeightConstraint
@@ -48,6 +48,8 @@ class CWACPlugin(BasePlugin):
         """Read every artifact now: a missing or malformed file fails before the model is loaded."""
         settings = settings_from(cfg)
         refuse_unsupported(cfg)
+        if settings.weight_constraint and (warning := save_precision_warning(cfg)):
+            LOG.warning(warning)
         check_prepared(cfg, settings)
         if settings.weight_constraint:
             self.subspace = Subspace.load(settings.subspace)

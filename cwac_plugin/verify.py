@@ -24,7 +24,8 @@ from cwac_plugin.subspace import Subspace
 
 DEFAULT_TOLERANCE = 1e-5
 # Unit roundoff of a half-precision save: each stored element may be off by this share of itself,
-# so a bf16 factor A with A U = 0 in float32 reads back with ||A U|| up to this share of ||A||.
+# so a bf16 factor A with A U = 0 in float32 reads back with ||A U|| up to this share of ||A||, and a
+# bf16-stored full weight W with (W - W0) U = 0 reads back with ||dW U|| up to this share of ||W||.
 ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -45,6 +46,7 @@ class Verification:
     protected_changed_params: int
     saved_dtype: torch.dtype
     unprotected_changed: list[str] = field(default_factory=list)
+    full_weight_sq: float = 0.0  # sum of ||W_saved||^2 over protected modules of a saved full model, else 0
 
     @property
     def input_leakage(self) -> float:
@@ -60,7 +62,12 @@ class Verification:
 
     @property
     def default_tolerance(self) -> float:
-        return max(DEFAULT_TOLERANCE, ROUNDOFF.get(self.saved_dtype, 0.0))
+        """1e-5, or what storing the weights at half precision allows: the unit roundoff u of the saved
+        factors (adapters), or u ||W|| / ||dW|| for full weights, whose rounding scales with W, not dW."""
+        roundoff = ROUNDOFF.get(self.saved_dtype, 0.0)
+        if self.full_weight_sq and self.update_sq:
+            roundoff *= math.sqrt(self.full_weight_sq / self.update_sq)
+        return max(DEFAULT_TOLERANCE, roundoff)
 
     def failures(self, tolerance: float | None = None, allow_partial: bool = False) -> list[str]:
         tolerance = self.default_tolerance if tolerance is None else tolerance
@@ -98,6 +105,11 @@ class Verification:
             f"coverage: {self.coverage:.1%} of {self.changed_decoder_params:,} changed decoder parameters are "
             f"protected; saved weights {str(self.saved_dtype).removeprefix('torch.')}"
         )
+        if self.default_tolerance > DEFAULT_TOLERANCE:
+            rows.append(
+                f"half-precision save: leakage is bounded only by its rounding, {self.default_tolerance:.1e} "
+                "(save in float32 for the 1e-5 bound)"
+            )
         return "\n".join(rows)
 
 
@@ -160,8 +172,10 @@ def verify(subspace: Subspace, base: str | Path, adapter: str | Path | None = No
         else:
             unprotected.append(name)
     modules = {}
-    update_sq = input_sq = output_sq = 0.0
+    update_sq = input_sq = output_sq = full_weight_sq = 0.0
     for name in subspace.module_names:
+        if model is not None:
+            full_weight_sq += trained[f"{name}.weight"].double().square().sum().item()
         delta = trained[f"{name}.weight"].double() - initial[f"{name}.weight"].double()
         d_sq = delta.square().sum().item()
         i_sq = o_sq = 0.0
@@ -173,5 +187,5 @@ def verify(subspace: Subspace, base: str | Path, adapter: str | Path | None = No
         modules[name] = ModuleLeakage(math.sqrt(d_sq), _ratio(i_sq, d_sq), _ratio(o_sq, d_sq))
     return Verification(
         modules, update_sq, input_sq, output_sq, changed_decoder, protected_changed, saved_dtype,
-        sorted(unprotected, key=lambda n: -trained[n].numel()),
+        sorted(unprotected, key=lambda n: -trained[n].numel()), full_weight_sq,
     )
