@@ -46,6 +46,7 @@ HOLDS = {
     "phi3-fused-full": ({"architecture": "phi3"}, ()),
     "qlora-zero3": ({**LORA, "adapter": "qlora", "load_in_4bit": True, "deepspeed": ZERO3}, TORCHRUN),
     "fsdp2-lora": ({**LORA, **FSDP2}, TORCHRUN),
+    "fsdp2-qlora": ({**LORA, **FSDP2, "adapter": "qlora", "load_in_4bit": True}, TORCHRUN),
     "fsdp2-full": (FSDP2, TORCHRUN),
     # saved as DCP shards, which Axolotl merges into output_dir from the last checkpoint
     "fsdp2-full-sharded": (
