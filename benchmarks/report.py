@@ -13,16 +13,11 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from cwac_plugin.report import pct, pyplot
+
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["plain", "weight", "activation", "cwac"]
 COLOURS = {"plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red"}
-
-
-def pct(value: float | None, interval: list[float] | None = None) -> str:
-    if value is None:
-        return "–"
-    text = f"{100 * value:.0f}"
-    return f"{text} [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval else text
 
 
 def method_order(method: str) -> tuple:
@@ -54,11 +49,7 @@ def tables(rows: list[dict]) -> str:
 
 def plot(group: list[dict], title: str, path: Path) -> None:
     """HS and FA against p, one line per method (variants: one row of panels each), intervals shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in group if r["p"] is not None]
     variants = sorted({r["method"].partition("@")[2] for r in runs})
     fig, axes = plt.subplots(len(variants), 2, figsize=(11, 3.2 * len(variants)), squeeze=False, sharey="col")

@@ -11,10 +11,9 @@ Wilson 95% intervals of the share. `report.py` builds the markdown tables and pl
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from cwac_plugin.eval import score_answers
+from cwac_plugin.report import rejudged, share_and_interval
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
@@ -22,25 +21,8 @@ MODEL = "SmolLM2-135M-Instruct"
 PRIMALITY_ALIGNED = {"harmful_finetune": 0, "harmful_finetune_seed1": 1}
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
-    if not n:
-        return None
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
-def share_and_interval(records: list[dict] | None, hit) -> tuple[float | None, list[float] | None]:
-    if not records:
-        return None, None
-    hits = sum(1 for r in records if hit(r))
-    return round(hits / len(records), 4), wilson(hits, len(records))
-
-
 def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
-    saved = json.loads(report_path.read_text())
-    report = score_answers(saved["records"], saved.get("task_records"), saved.get("benign_records"))
+    report = rejudged(json.loads(report_path.read_text()))
     name = report_path.stem
     split = "validation" if name.startswith("validation_") else "eval"
     name = name.removeprefix("validation_")

@@ -269,6 +269,33 @@ def eval_command(
 
 
 @cwac.command()
+@click.option("--before", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="`cwac eval --out` report of the aligned model.")
+@click.option("--after", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="`cwac eval --out` report of the fine-tuned model, on the same prompts.")
+@click.option("--verify", "verify_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="`cwac verify --out` result, shown beside the scores.")
+@click.option("--names", nargs=2, default=("aligned", "fine-tuned"), show_default=True, help="What to call the two.")
+@click.option("--examples", type=int, default=20, show_default=True, help="Changed answers to show side by side, per kind.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for report.md and report.png.")
+def report(before, after, verify_json, names, examples, out):
+    """Before and after on the same prompts: scores with intervals, leakage, and the answers that changed."""
+    from cwac_plugin import report as reporting
+
+    saved = {}
+    for key, path in (("--before", before), ("--after", after)):
+        saved[key] = json.loads(path.read_text(encoding="utf-8"))
+        if "records" not in saved[key]:
+            raise click.UsageError(f"{key}: {path} is not a `cwac eval` report (no `records`)")
+    first, second = (reporting.rejudged(saved[key]) for key in ("--before", "--after"))
+    verification = json.loads(verify_json.read_text(encoding="utf-8")) if verify_json else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(reporting.markdown(first, second, tuple(names), verification, examples), encoding="utf-8")
+    reporting.plot(first, second, tuple(names), out / "report.png")
+    click.echo(f"wrote {out / 'report.md'} and {out / 'report.png'}")
+
+
+@cwac.command()
 @click.option("--base", required=True, help="The aligned model: an HF directory, or a hub id where a hub is reachable.")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Saved LoRA/QLoRA adapter directory.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Saved fully fine-tuned model.")
