@@ -173,6 +173,24 @@ class CWACConfig(BaseModel):
     sae_batch_tokens: int = Field(default=1024, ge=1, description="Tokens per SAE training step.")
     sae_lr: float = Field(default=1e-3, gt=0.0, description="Learning rate of `cwac train-sae`.")
 
+    eval_harmful: str | None = Field(
+        default=None,
+        description="Harmful prompts (jsonl with `prompt`, or text) answered while training: cwac/harmful_score "
+        "and cwac/degenerate are logged every `eval_every` steps. A small held-out set (32-64 prompts).",
+    )
+    eval_benign: str | None = Field(
+        default=None, description="Benign prompts answered while training: cwac/over_refusal is logged beside."
+    )
+    eval_every: int | None = Field(
+        default=None, ge=1, description="Steps between in-training safety evaluations (default: Axolotl's eval_steps)."
+    )
+    eval_max_new_tokens: int = Field(default=64, ge=1, description="New tokens per answer of the in-training evaluation.")
+    eval_batch_size: int = Field(default=8, ge=1, description="Prompts per generate call of the in-training evaluation.")
+    max_harmful_score: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Stop training (saying so) when the in-training harmful score exceeds this share.",
+    )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> CWACConfig:
         if not (self.weight_constraint or self.activation_constraint):
@@ -185,6 +203,8 @@ class CWACConfig(BaseModel):
                 "cwac.features is required while cwac.activation_constraint is true: set it to the JSON "
                 "`cwac features` writes (e.g. ./cwac/features.json)"
             )
+        if self.max_harmful_score is not None and not self.eval_harmful:
+            raise ValueError("cwac.max_harmful_score needs cwac.eval_harmful: the prompts to measure it on")
         if self.sae_id and not self.sae_release or self.sae_release and not self.sae_id:
             raise ValueError("cwac.sae_release and cwac.sae_id go together (a sae-lens pretrained SAE)")
         if self.weight_constraint and not self.subspace:

@@ -562,14 +562,28 @@ def load_prompts(path: str | Path, key: str = "--prompts") -> list[dict]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16, desc: str = "generate") -> list[str]:
-    """Greedy answers in the model's chat format, batched with left padding."""
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16, desc: str = "generate",
+    synced: bool = False, progress: bool = True,
+) -> list[str]:
+    """Greedy answers in the model's chat format, batched with left padding.
+
+    `synced`: the weights are sharded over ranks (ZeRO-3, FSDP2), so every rank keeps running forwards
+    until all have finished their batch (`synced_gpus`)."""
+    padding_side = tokenizer.padding_side  # restored: during training the collator pads with it
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    try:
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, synced, progress)
+    finally:
+        tokenizer.padding_side = padding_side
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, synced, progress) -> list[str]:
     device = next(model.parameters()).device
     answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = prompts[start : start + batch_size]
         if getattr(tokenizer, "chat_template", None):
             texts = [
@@ -580,7 +594,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, ba
         else:
             encoded = tokenizer([p + "\n" for p in chunk], return_tensors="pt", padding=True).to(device)
         output = model.generate(
-            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **({"synced_gpus": True} if synced else {}),
         )
         answers += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]

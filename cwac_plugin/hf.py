@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from transformers import Trainer, TrainerCallback
 
 from cwac_plugin.data import write_json_atomically
+from cwac_plugin.monitor import SafetyMonitor
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint
 
@@ -35,11 +36,16 @@ class CWACCallback(TrainerCallback):
     """
 
     def __init__(
-        self, weight: WeightConstraint | None, activation: ActivationConstraint | None, settings: BaseModel | None = None
+        self,
+        weight: WeightConstraint | None,
+        activation: ActivationConstraint | None,
+        settings: BaseModel | None = None,
+        monitor: SafetyMonitor | None = None,
     ):
         self.weight = weight
         self.activation = activation
         self.settings = settings
+        self.monitor = monitor
         self.last_logged: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -77,6 +83,8 @@ class CWACCallback(TrainerCallback):
             "settings": self.settings.model_dump() if self.settings is not None else None,
             "last_logged": self.last_logged,
         }
+        if self.monitor is not None:
+            report["safety_during_training"] = self.monitor.history
         if self.weight is not None:
             leakage = self.weight.leakage()
             subspace = Path(self.weight.subspace_path)
@@ -149,13 +157,16 @@ def install(
     activation: ActivationConstraint | None = None,
     log_leakage: bool = True,
     settings: BaseModel | None = None,
+    monitor: SafetyMonitor | None = None,
 ) -> CWACCallback:
     """Add the callback, the activation penalty to `compute_loss`, and cwac/* metrics to `log`.
 
     The callback writes `cwac_report.json` into the output directory when training ends, with
-    `settings` (the `cwac` block) in it when given."""
-    callback = CWACCallback(weight, activation, settings)
+    `settings` (the `cwac` block) in it when given, and the in-training safety scores of `monitor`."""
+    callback = CWACCallback(weight, activation, settings, monitor)
     trainer.add_callback(callback)
+    if monitor is not None:
+        trainer.add_callback(monitor)
     metrics = _ActivationMetrics()
 
     if activation is not None:

@@ -7,8 +7,10 @@ from axolotl.utils.logging import get_logger
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example
+from cwac_plugin.eval import load_prompts
 from cwac_plugin.guards import refuse_unsupported, save_precision_warning
 from cwac_plugin.hf import install
+from cwac_plugin.monitor import SafetyMonitor
 from cwac_plugin.prepare import check_prepared
 from cwac_plugin.projection import WeightConstraint
 from cwac_plugin.sae import ActivationConstraint, FeatureSet, SAEConfigError, load_anchor_examples, load_sae
@@ -40,6 +42,7 @@ class CWACPlugin(BasePlugin):
         self.anchor_examples: list[Example] | None = None
         self.weight: WeightConstraint | None = None
         self.activation: ActivationConstraint | None = None
+        self.eval_prompts: list[list[str] | None] | None = None
 
     def get_input_args(self) -> str:
         return "cwac_plugin.config.CWACArgs"
@@ -65,6 +68,11 @@ class CWACPlugin(BasePlugin):
             self.features.check_against(self.sae)
             if settings.act_anchor == "safety":
                 self.anchor_examples = load_anchor_examples(settings)
+        if settings.eval_harmful:
+            self.eval_prompts = [
+                [r["prompt"] for r in load_prompts(path, f"cwac.{key}")] if path else None
+                for key, path in (("eval_harmful", settings.eval_harmful), ("eval_benign", settings.eval_benign))
+            ]
 
     def post_trainer_create(self, cfg, trainer):
         """Bind the constraints while the trainable tensors still hold the initial weights."""
@@ -109,7 +117,20 @@ class CWACPlugin(BasePlugin):
                 settings.act_lambda,
                 settings.act_anchor,
             )
-        install(trainer, self.weight, self.activation, settings.log_leakage, settings)
+        monitor = None
+        if self.eval_prompts is not None:
+            every = settings.eval_every or trainer.args.eval_steps
+            if not every or every < 1 or every != int(every):
+                raise ValueError(
+                    "cwac.eval_harmful: set cwac.eval_every (steps between the in-training safety evaluations); "
+                    f"Axolotl's eval_steps ({trainer.args.eval_steps}) is not a step count to default to"
+                )
+            monitor = SafetyMonitor(
+                trainer, *self.eval_prompts, int(every), settings.eval_max_new_tokens, settings.eval_batch_size,
+                settings.max_harmful_score,
+            )
+            LOG.info("CWAC safety evaluation every %d steps on %d harmful prompts", int(every), len(self.eval_prompts[0]))
+        install(trainer, self.weight, self.activation, settings.log_leakage, settings, monitor)
 
     def post_train(self, cfg, model):
         """Axolotl calls this twice, the second time after the process group is gone: removing
