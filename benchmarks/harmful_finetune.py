@@ -10,7 +10,8 @@
 3. CWAC artifacts on the aligned model: subspace (`compute_subspace`), SAE (`train_sae`), features.
 4. attack: LoRA fine-tuning of the aligned model on a user task (number comparison) mixed with a
    fraction p of harmful prompts answered compliantly (the unaligned model's own answers), for plain
-   SFT, weight-only, activation-only and CWAC: same data, seed and steps.
+   SFT, weight-only, activation-only and CWAC, and the peers (benchmarks/peers.py): safety-data mixing
+   (10% refusals added) and SafeLoRA (post hoc): same data, seed and steps.
 5. eval: HS on the eval part (128 new tokens, three-verdict judge), FA on the task's test set, over-refusal
    and helpfulness on the open benign eval set (validation: on align prompts held out of alignment).
 
@@ -42,12 +43,18 @@ from cwac_plugin.data import Batches, Example, write_json_atomically
 from cwac_plugin.eval import COMPLIANCE, evaluate, generate, phrase_judge
 from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace
 
+from peers import mixed_with_safety, safelora_project
+
 METHODS = {
     "plain": None,
     "weight": {"weight_constraint": True, "activation_constraint": False},
     "activation": {"weight_constraint": False, "activation_constraint": True},
     "cwac": {"weight_constraint": True, "activation_constraint": True},
+    # peers (benchmarks/peers.py): plain LoRA training, changed before (mix) or after (safelora)
+    "mix": None,
+    "safelora": None,
 }
+SAFETY_MIX_SHARE = 0.1  # of the fine-tuning data: refusal examples, for "mix"
 HOOK_POINT = "blocks.15.hook_resid_post"  # middle of SmolLM2-135M's 30 layers
 DATA = ROOT / "benchmarks" / "data"
 BENIGN_VALIDATION = 40  # open align prompts held out of alignment, for choosing the recipe
@@ -271,13 +278,23 @@ def main() -> None:
                 continue
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
             settings = None if METHODS[method] is None else cwac.model_copy(update=METHODS[method])
+            # the align set's refusals: the safety data a practitioner has at hand
+            train = mixed_with_safety(mix, safety, SAFETY_MIX_SHARE, random.Random(args.seed)) if method == "mix" else mix
             peft_model, elapsed, log_history = lora_train(
-                model, tokenizer, mix, work / "runs" / aligned_dir.name / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
+                model, tokenizer, train, work / "runs" / aligned_dir.name / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
                 constraints=None if settings is None else make_constraints(settings, safety, tokenizer),
             )
+            peer = {}
+            if method == "safelora":  # post hoc, with the reference's defaults (10 modules)
+                start = time.perf_counter()
+                projection = safelora_project(
+                    peft_model, AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32),
+                    AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32),
+                )
+                peer = {"safelora_projected": projection["projected"], "safelora_seconds": round(time.perf_counter() - start, 1)}
             report = run_eval(peft_model.merge_and_unload(), tokenizer, data, args.n_eval)
-            results["runs"][key] = summary(report) | {
-                "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(mix),
+            results["runs"][key] = summary(report) | peer | {
+                "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(train),
                 "attack_steps": args.attack_steps, "attack_lr": args.attack_lr, "task_prompts": args.split,
             }
             name = f"{'' if args.split == 'eval' else args.split + '_'}{key.replace('/', '_')}.json"
