@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cwac", type=json.loads, default={}, help="overrides of the cwac block, as JSON")
     args = parser.parse_args()
 
     from peft import PeftModel
@@ -40,7 +41,7 @@ def main() -> None:
     )
 
     cfg = load_axolotl_config(args.config)
-    settings = settings_from(cfg)
+    settings = settings_from(cfg).model_copy(update=args.cwac)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32), args.adapter)
     model.eval()
