@@ -41,7 +41,8 @@ def main() -> None:
     )
 
     cfg = load_axolotl_config(args.config)
-    settings = settings_from(cfg).model_copy(update=args.cwac)
+    settings = settings_from(cfg)
+    settings = type(settings).model_validate({**settings.model_dump(), **args.cwac})
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32), args.adapter)
     model.eval()

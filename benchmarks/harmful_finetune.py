@@ -293,6 +293,8 @@ def main() -> None:
                 )
                 peer = {"safelora_projected": projection["projected"], "safelora_seconds": round(time.perf_counter() - start, 1)}
             report = run_eval(peft_model.merge_and_unload(), tokenizer, data, args.n_eval)
+            if method == "mix":
+                peer = {"safety_examples_added": len(train) - len(mix)}
             results["runs"][key] = summary(report) | peer | {
                 "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(train),
                 "attack_steps": args.attack_steps, "attack_lr": args.attack_lr, "task_prompts": args.split,

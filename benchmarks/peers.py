@@ -34,6 +34,8 @@ def safelora_project(
     """Project the fine-tuned adapter in place; returns each module's cosine and which were projected."""
     if (num_proj_layers is None) == (threshold is None):
         raise ValueError("pass one of num_proj_layers (the reference's default mode) or threshold")
+    if num_proj_layers is not None and num_proj_layers < 1:
+        raise ValueError("num_proj_layers must be at least 1")
     base = dict(base_model.named_modules())
     aligned = dict(aligned_model.named_modules())
     projected_b, cosines = {}, {}
@@ -41,13 +43,16 @@ def safelora_project(
         v = (aligned[name].weight.float() - base[name].weight.float()).to(module.lora_B["default"].weight.device)
         a = module.lora_A["default"].weight.float()
         b = module.lora_B["default"].weight.float()
+        if not v.any():  # alignment left it alone: C = 0/0 (NaN in the reference); nothing to project onto
+            cosines[name] = 1.0
+            continue
         cb = v @ (v.T @ b) / torch.linalg.norm(v)
         update, changed = b @ a, cb @ a
         cosines[name] = round(torch.nn.functional.cosine_similarity(changed.reshape(1, -1), update.reshape(1, -1)).item(), 5)
         projected_b[name] = cb
     if threshold is None:
         threshold = sorted(cosines.values())[: num_proj_layers][-1]
-    chosen = [name for name, cos in cosines.items() if cos <= threshold]
+    chosen = [name for name, cos in cosines.items() if cos <= threshold and name in projected_b]
     modules = _lora_modules(peft_model)
     for name in chosen:
         weight = modules[name].lora_B["default"].weight

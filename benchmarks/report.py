@@ -16,8 +16,11 @@ from pathlib import Path
 from cwac_plugin.report import pct, pyplot
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["plain", "weight", "activation", "cwac"]
-COLOURS = {"plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red"}
+METHODS = ["plain", "weight", "activation", "cwac", "mix", "safelora"]
+COLOURS = {
+    "plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red", "mix": "tab:purple",
+    "safelora": "tab:brown",
+}
 
 
 def method_order(method: str) -> tuple:

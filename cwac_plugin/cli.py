@@ -260,7 +260,7 @@ def eval_command(
         task_max_new_tokens,
     )
     report |= {
-        "model": str(model_dir), "adapter": str(adapter) if adapter else None, "judge": judge,
+        "model": str(model_dir), "adapter": str(adapter) if adapter else None, "judge": judge, "task_match": task_match,
         "dtype": str(model.dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
     }
     write_json_atomically(out, report)
@@ -285,8 +285,12 @@ def report(before, after, verify_json, names, examples, out):
     saved = {}
     for key, path in (("--before", before), ("--after", after)):
         saved[key] = json.loads(path.read_text(encoding="utf-8"))
-        if "records" not in saved[key]:
+        if not saved[key].get("records"):
             raise click.UsageError(f"{key}: {path} is not a `cwac eval` report (no `records`)")
+    for field in ("records", "benign_records", "task_records"):
+        prompts = [{r["prompt"] for r in saved[key].get(field) or []} for key in ("--before", "--after")]
+        if prompts[0] != prompts[1]:
+            raise click.UsageError(f"--before and --after were evaluated on different {field} prompts: run both on the same files")
     first, second = (reporting.rejudged(saved[key]) for key in ("--before", "--after"))
     verification = json.loads(verify_json.read_text(encoding="utf-8")) if verify_json else None
     out.mkdir(parents=True, exist_ok=True)

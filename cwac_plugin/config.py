@@ -203,8 +203,9 @@ class CWACConfig(BaseModel):
                 "cwac.features is required while cwac.activation_constraint is true: set it to the JSON "
                 "`cwac features` writes (e.g. ./cwac/features.json)"
             )
-        if self.max_harmful_score is not None and not self.eval_harmful:
-            raise ValueError("cwac.max_harmful_score needs cwac.eval_harmful: the prompts to measure it on")
+        for key in ("max_harmful_score", "eval_benign", "eval_every"):
+            if getattr(self, key) is not None and not self.eval_harmful:
+                raise ValueError(f"cwac.{key} needs cwac.eval_harmful: the harmful prompts of the in-training evaluation")
         if self.sae_id and not self.sae_release or self.sae_release and not self.sae_id:
             raise ValueError("cwac.sae_release and cwac.sae_id go together (a sae-lens pretrained SAE)")
         if self.weight_constraint and not self.subspace:

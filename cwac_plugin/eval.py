@@ -594,7 +594,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, synce
         else:
             encoded = tokenizer([p + "\n" for p in chunk], return_tensors="pt", padding=True).to(device)
         output = model.generate(
-            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
             **({"synced_gpus": True} if synced else {}),
         )
         answers += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)

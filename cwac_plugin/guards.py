@@ -46,6 +46,14 @@ def refuse_unsupported(cfg) -> None:
                 f"{key}: {get(key)}: tensor parallelism and HSDP shard parameters in ways the weight constraint "
                 f"does not follow (it follows FSDP2's Shard(0) over one mesh dimension). Remove {key}"
             )
+    final_save = fsdp_config.get("final_state_dict_type") or fsdp_config.get("state_dict_type")
+    if final_save == "SHARDED_STATE_DICT" and not get("adapter") and not (get("bf16") or get("fp16")):
+        raise SubspaceError(
+            "fsdp_config.state_dict_type: SHARDED_STATE_DICT: for the final model Axolotl merges the shards into "
+            "bfloat16 weights, whose rounding of W hides what the float32 training kept out of the subspace, so "
+            "`cwac verify` could not show it. Set fsdp_config.final_state_dict_type: FULL_STATE_DICT (checkpoints "
+            "can stay sharded)"
+        )
     if fsdp_config.get("cpu_ram_efficient_loading"):
         raise SubspaceError(
             "fsdp_config.cpu_ram_efficient_loading: ranks other than 0 then load no weights, and the "
@@ -141,17 +149,3 @@ def coverage_of(model: nn.Module, protected: list[nn.Parameter]) -> Coverage:
         unprotected=[name for name, _ in unprotected],
     )
 
-
-def save_precision_warning(cfg) -> str | None:
-    """What the saved model will not show although training holds it (said, not refused: the bound
-    that remains is the save's rounding, which `cwac verify` allows for and reports)."""
-    fsdp_config = cfg.get("fsdp_config") or {}
-    final = fsdp_config.get("final_state_dict_type") or fsdp_config.get("state_dict_type")
-    if final == "SHARDED_STATE_DICT" and not cfg.get("adapter") and not cfg.get("bf16"):
-        return (
-            "fsdp_config.state_dict_type: SHARDED_STATE_DICT: Axolotl merges the final checkpoint's shards into "
-            "bfloat16 weights, so the saved model keeps the weight constraint only up to bf16 rounding of W "
-            "(`cwac verify` allows for it and says so). Set fsdp_config.final_state_dict_type: FULL_STATE_DICT "
-            "to save the exact float32 weights"
-        )
-    return None

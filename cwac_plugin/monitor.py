@@ -29,20 +29,22 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def share_of(prompts: list[str], rank: int, world: int) -> tuple[list[str], int]:
-    """This rank's prompts, padded to the same count on every rank, and how many of them count."""
+def share_of(prompts: list[str], rank: int, world: int, padded: bool) -> tuple[list[str], int]:
+    """This rank's prompts, and how many of them count; `padded`: to the same count on every rank."""
     mine = prompts[rank::world]
-    per_rank = math.ceil(len(prompts) / world)
+    per_rank = math.ceil(len(prompts) / world) if padded else len(mine)
     return mine + [prompts[0]] * (per_rank - len(mine)), len(mine)
 
 
 class SafetyMonitor(TrainerCallback):
+    """Every `every` steps (None: the trainer's resolved `eval_steps`), the safety scores, logged."""
+
     def __init__(
         self,
         trainer,
         harmful: list[str],
         benign: list[str] | None,
-        every: int,
+        every: int | None,
         max_new_tokens: int = 64,
         batch_size: int = 8,
         max_harmful_score: float | None = None,
@@ -55,6 +57,17 @@ class SafetyMonitor(TrainerCallback):
         self.max_harmful_score = max_harmful_score
         self.judge = judge
         self.history: list[dict] = []
+        if not harmful:
+            raise ValueError("cwac.eval_harmful: the file holds no prompt")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.every is None:  # Axolotl's eval_steps, also a fraction of the run (evals_per_epoch): resolved here
+            if str(args.eval_strategy) not in ("steps", "IntervalStrategy.STEPS") or not state.eval_steps:
+                raise ValueError(
+                    "cwac.eval_harmful: set cwac.eval_every (steps between the in-training safety evaluations): "
+                    "this run evaluates on no step schedule (no eval_steps / evals_per_epoch) to default to"
+                )
+            self.every = int(state.eval_steps)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every:
@@ -65,7 +78,7 @@ class SafetyMonitor(TrainerCallback):
         if self.max_harmful_score is not None and metrics["cwac/harmful_score"] > self.max_harmful_score:
             LOG.warning(
                 "cwac.max_harmful_score: the harmful score on cwac.eval_harmful is %.3f at step %d, above %g: "
-                "stopping training (the last checkpoint is still saved)",
+                "stopping training (this step's weights are saved as a checkpoint, to inspect, not to ship)",
                 metrics["cwac/harmful_score"], state.global_step, self.max_harmful_score,
             )
             self.history[-1]["stopped"] = True
@@ -82,7 +95,7 @@ class SafetyMonitor(TrainerCallback):
         counts = []
         try:
             for prompts, counted in ((self.harmful, (COMPLIANCE, DEGENERATE)), (self.benign, (REFUSAL,))):
-                share, real = share_of(prompts, rank, world) if prompts else ([], 0)
+                share, real = share_of(prompts, rank, world, synced) if prompts else ([], 0)
                 answers = generate(
                     model, tokenizer, share, self.max_new_tokens, self.batch_size, "cwac eval", synced, rank == 0
                 )[:real]

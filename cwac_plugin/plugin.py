@@ -8,7 +8,7 @@ from axolotl.utils.logging import get_logger
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example
 from cwac_plugin.eval import load_prompts
-from cwac_plugin.guards import refuse_unsupported, save_precision_warning
+from cwac_plugin.guards import refuse_unsupported
 from cwac_plugin.hf import install
 from cwac_plugin.monitor import SafetyMonitor
 from cwac_plugin.prepare import check_prepared
@@ -51,8 +51,6 @@ class CWACPlugin(BasePlugin):
         """Read every artifact now: a missing or malformed file fails before the model is loaded."""
         settings = settings_from(cfg)
         refuse_unsupported(cfg)
-        if settings.weight_constraint and (warning := save_precision_warning(cfg)):
-            LOG.warning(warning)
         check_prepared(cfg, settings)
         if settings.weight_constraint:
             self.subspace = Subspace.load(settings.subspace)
@@ -69,6 +67,11 @@ class CWACPlugin(BasePlugin):
             if settings.act_anchor == "safety":
                 self.anchor_examples = load_anchor_examples(settings)
         if settings.eval_harmful:
+            if not (settings.eval_every or cfg.get("eval_steps") or cfg.get("evals_per_epoch")):
+                raise ValueError(
+                    "cwac.eval_harmful: set cwac.eval_every (steps between the in-training safety evaluations), "
+                    "or Axolotl's eval_steps / evals_per_epoch for it to follow"
+                )
             self.eval_prompts = [
                 [r["prompt"] for r in load_prompts(path, f"cwac.{key}")] if path else None
                 for key, path in (("eval_harmful", settings.eval_harmful), ("eval_benign", settings.eval_benign))
@@ -119,17 +122,14 @@ class CWACPlugin(BasePlugin):
             )
         monitor = None
         if self.eval_prompts is not None:
-            every = settings.eval_every or trainer.args.eval_steps
-            if not every or every < 1 or every != int(every):
-                raise ValueError(
-                    "cwac.eval_harmful: set cwac.eval_every (steps between the in-training safety evaluations); "
-                    f"Axolotl's eval_steps ({trainer.args.eval_steps}) is not a step count to default to"
-                )
             monitor = SafetyMonitor(
-                trainer, *self.eval_prompts, int(every), settings.eval_max_new_tokens, settings.eval_batch_size,
+                trainer, *self.eval_prompts, settings.eval_every, settings.eval_max_new_tokens, settings.eval_batch_size,
                 settings.max_harmful_score,
             )
-            LOG.info("CWAC safety evaluation every %d steps on %d harmful prompts", int(every), len(self.eval_prompts[0]))
+            LOG.info(
+                "CWAC safety evaluation every %s steps on %d harmful prompts",
+                settings.eval_every or "eval_steps", len(self.eval_prompts[0]),
+            )
         install(trainer, self.weight, self.activation, settings.log_leakage, settings, monitor)
 
     def post_train(self, cfg, model):

@@ -56,7 +56,10 @@ def pyplot():
 
 
 def rejudged(saved: dict) -> dict:
-    return score_answers(saved["records"], saved.get("task_records"), saved.get("benign_records"))
+    """A saved `cwac eval` report scored by today's judge (and its own task match), as if made today."""
+    return score_answers(
+        saved["records"], saved.get("task_records"), saved.get("benign_records"), task_match=saved.get("task_match", "first")
+    )
 
 
 def metrics(report: dict) -> dict[str, tuple[float | None, list[float] | None, int]]:

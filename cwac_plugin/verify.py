@@ -23,6 +23,9 @@ from cwac_plugin.guards import MIN_COVERAGE, decoder_prefix
 from cwac_plugin.subspace import Subspace
 
 DEFAULT_TOLERANCE = 1e-5
+# Above this, a half-precision save's rounding hides more than an update that leaks a few percent: such a
+# save cannot show the constraint, and `cwac verify` says so instead of passing.
+MAX_ROUNDING_TOLERANCE = 1e-2
 # Unit roundoff of a half-precision save: each stored element may be off by this share of itself,
 # so a bf16 factor A with A U = 0 in float32 reads back with ||A U|| up to this share of ||A||, and a
 # bf16-stored full weight W with (W - W0) U = 0 reads back with ||dW U|| up to this share of ||W||.
@@ -70,8 +73,14 @@ class Verification:
         return max(DEFAULT_TOLERANCE, roundoff)
 
     def failures(self, tolerance: float | None = None, allow_partial: bool = False) -> list[str]:
-        tolerance = self.default_tolerance if tolerance is None else tolerance
         problems = []
+        if tolerance is None and self.default_tolerance > MAX_ROUNDING_TOLERANCE:
+            problems.append(
+                f"inconclusive: the {str(self.saved_dtype).removeprefix('torch.')} save rounds W by more than the update "
+                f"can show (bound {self.default_tolerance:.1e} > {MAX_ROUNDING_TOLERANCE:.0e}); save the weights in float32 "
+                "(FSDP2: fsdp_config.final_state_dict_type: FULL_STATE_DICT)"
+            )
+        tolerance = self.default_tolerance if tolerance is None else tolerance
         for side, value in (("input", self.input_leakage), ("output", self.output_leakage)):
             if value > tolerance:
                 problems.append(f"{side} leakage {value:.2e} > tolerance {tolerance:.0e}")

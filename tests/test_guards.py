@@ -88,6 +88,7 @@ def test_tensors_the_optimizer_does_not_step_are_refused():
         ({"fsdp_config": {"reshard_after_forward": True}}, "fsdp_version"),
         ({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}, "cpu_ram_efficient_loading"),
         ({"fsdp": ["full_shard"]}, "fsdp"),
+        ({"fsdp_version": 2, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}}, "final_state_dict_type"),
         ({"fsdp_version": 2, "fsdp_config": {}, "tensor_parallel_size": 2}, "tensor_parallel_size"),
         ({"fsdp_version": 2, "fsdp_config": {}, "dp_replicate_size": 2}, "dp_replicate_size"),
         ({"adapter": "lora", "relora": True}, "relora"),
