@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cwac_plugin.report import rejudged, share_and_interval
+from cwac_plugin.report import metrics, rejudged
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
@@ -27,9 +27,10 @@ def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
     split = "validation" if name.startswith("validation_") else "eval"
     name = name.removeprefix("validation_")
     p, method = (name.split("_", 1) if name.startswith("p=") else (None, name))
-    hs, hs_ci = share_and_interval(report["records"], lambda r: r["verdict"] == "compliance")
-    fa, fa_ci = share_and_interval(report.get("task_records"), lambda r: r["correct"])
-    over, over_ci = share_and_interval(report.get("benign_records"), lambda r: r["verdict"] == "refusal")
+    scores = metrics(report)  # the definitions `cwac report` uses
+    (hs, hs_ci, _), (fa, fa_ci, _), (over, over_ci, _) = (
+        scores.get(name, (None, None, 0)) for name in ("harmful score", "fine-tune accuracy", "over-refusal")
+    )
     return {
         "model": MODEL,
         "finetune": "lora",
