@@ -2,6 +2,8 @@
 
     python benchmarks/overhead.py --model tiny --training lora --out benchmarks/results/overhead/tiny_lora.json
     python benchmarks/overhead.py --model runs/smollm2/model --training qlora --out benchmarks/results/overhead/smollm2_qlora.json
+    python benchmarks/overhead.py --fsdp2 --model tiny --training lora --methods plain weight-update cwac \
+        --out benchmarks/results/overhead/fsdp2_tiny_lora.json
 
 Each repeat trains every method for `--steps` steps from the same initial weights and data, in turn,
 each run in a fresh process, so that machine noise hits all methods alike and each run's peak
@@ -13,6 +15,9 @@ after the model is loaded, and the bytes the constraints hold (bases, W0 U and V
 leakage metric's sketch of W0, SAE). Per step also the kernel CPU time and minor page faults: on CPU
 a step's time also goes there, which the profiler does not see. `--profile` runs each method once
 under torch.profiler and writes its table to profiles/ beside --out.
+`--fsdp2`: each run is 2 torchrun processes (gloo on CPU) training the model sharded by FSDP2 through
+the Trainer's own `fsdp` arguments; rank 0 reports its step times, and per step the collectives its
+process issued (FSDP2's all-gathers, CWAC's all-reduces) and any `full_tensor()` (a weight gathered whole).
 """
 
 from __future__ import annotations
@@ -45,6 +50,42 @@ METHODS = {
     "activation-batch": {"weight_constraint": False, "activation_constraint": True, "act_anchor": "batch"},
     "cwac": {"activation_constraint": True},
 }
+
+
+class CollectiveCounter(TrainerCallback):
+    """Collectives and whole-weight gathers issued inside training steps, per step: what CWAC adds
+    under FSDP2 beside FSDP2's own all-gathers."""
+
+    COUNTED = ("all_gather_single", "all_gather_into_tensor", "all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "broadcast")
+
+    def __init__(self):
+        from torch.distributed.tensor import DTensor
+
+        self.counts = dict.fromkeys((*self.COUNTED, "full_tensor"), 0)
+        self.steps = 0
+        self._in_step = False
+        for module in (torch.distributed, torch.distributed.distributed_c10d):  # FSDP2 calls the latter's
+            for name in self.COUNTED:
+                setattr(module, name, self._counting(name, getattr(torch.distributed.distributed_c10d, name)))
+        DTensor.full_tensor = self._counting("full_tensor", DTensor.full_tensor)
+
+    def _counting(self, name, function):
+        def counted(*args, **kwargs):
+            if self._in_step:
+                self.counts[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._in_step = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._in_step = False
+        self.steps += 1
+
+    def per_step(self) -> dict[str, float]:
+        return {name: count / max(self.steps, 1) for name, count in self.counts.items()}
 
 
 class StepTimer(TrainerCallback):
@@ -104,7 +145,7 @@ def load_model(path: Path, training: str, device: str, dtype: torch.dtype = torc
     return model, tokenizer
 
 
-def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32) -> CWACConfig:
+def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32, output_rank: int = 0) -> CWACConfig:
     from sae_lens import TopKSAE, TopKSAEConfig
 
     from cwac_plugin.models import find_target_modules, model_metadata
@@ -115,7 +156,11 @@ def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32)
         name: torch.linalg.qr(torch.randn(module.in_features, rank, generator=g))[0]
         for name, module in find_target_modules(model, DEFAULT_TARGET_MODULES).items()
     }
-    Subspace(bases, metadata=model_metadata(model)).save(work / "subspace.safetensors")
+    outputs = {
+        name: torch.linalg.qr(torch.randn(module.out_features, output_rank, generator=g))[0]
+        for name, module in find_target_modules(model, DEFAULT_TARGET_MODULES).items()
+    } if output_rank else {}
+    Subspace(bases, outputs, metadata=model_metadata(model)).save(work / "subspace.safetensors")
     hidden = model.config.hidden_size
     layer = model.config.num_hidden_layers // 2
     sae = TopKSAE(TopKSAEConfig(d_in=hidden, d_sae=8 * hidden, k=32))
@@ -129,7 +174,7 @@ def synthetic_artifacts(model, work: Path, rank: int = 16, n_features: int = 32)
     (work / "features.json").write_text(json.dumps(features))
     return CWACConfig(
         subspace=str(work / "subspace.safetensors"), sae=str(work / "sae"), features=str(work / "features.json"),
-        rank=rank, num_features=n_features,
+        rank=rank, num_features=n_features, output_rank=output_rank,
     )
 
 
@@ -175,15 +220,29 @@ def run_once(args, method: str, device: str) -> dict:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     reset_peak_memory()
+    sharding = {}
+    if args.fsdp2:
+        sharding = {"fsdp": "full_shard", "fsdp_config": {
+            "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
+        }}
+        if device == "cpu":
+            sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+            from cpu_fsdp_plugin import CPUFSDPPlugin  # FSDP2 on CPU processes, as the tests run it
+
+            CPUFSDPPlugin().register(None)
     training_args = TrainingArguments(
         output_dir=str(args.work / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=1, use_cpu=device == "cpu",
         remove_unused_columns=False, seed=0, gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": True},  # Axolotl's default
+        **sharding,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=training_data(args, model.config.vocab_size))
     timer = StepTimer()
     trainer.add_callback(timer)
+    collectives = CollectiveCounter() if args.fsdp2 else None
+    if collectives:
+        trainer.add_callback(collectives)
     weight = activation = None
     update = METHODS[method]
     if update is not None:
@@ -216,6 +275,8 @@ def run_once(args, method: str, device: str) -> dict:
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "peak_rss_bytes": None if torch.cuda.is_available() else peak_rss_bytes(),
         "constraint_bytes": constraint_bytes(weight, activation),
+        **({"collectives_per_step": collectives.per_step()} if collectives else {}),
+        "sharded_parameters": sum(hasattr(p, "full_tensor") for p in trainer.model_wrapped.parameters()),
     }
 
 
@@ -227,7 +288,8 @@ def training_data(args, vocab: int) -> list[dict]:
 
 def in_fresh_process(args, method: str) -> dict:
     """One measured run in its own process: its peak memory is not the previous run's."""
-    command = [sys.executable, __file__, "--run-one", method, *sys.argv[1:]]
+    launcher = ["torchrun", "--nproc_per_node", "2"] if args.fsdp2 else [sys.executable]
+    command = [*launcher, __file__, "--run-one", method, *sys.argv[1:]]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{proc.stderr[-4000:]}")
@@ -247,17 +309,22 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="as Axolotl's `gradient_checkpointing: true`")
     parser.add_argument("--profile", action="store_true", help="One run per method under torch.profiler; tables in profiles/ beside --out.")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fsdp2", action="store_true", help="2 torchrun processes, the model sharded by FSDP2.")
+    parser.add_argument("--output-rank", type=int, default=0, help="Output bases too (the output side's all-reduce under FSDP2).")
     parser.add_argument("--run-one", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work = args.out.parent / "work"
     args.work.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.run_one:
-        print(json.dumps(run_once(args, args.run_one, device)))
+        result = run_once(args, args.run_one, device)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
         return
 
     model, _ = load_model(model_dir(args.model, args.work), "full", device)
-    (args.work / "cwac.json").write_text(synthetic_artifacts(model, args.work).model_dump_json())
+    artifacts = synthetic_artifacts(model, args.work, output_rank=args.output_rank)
+    (args.work / "cwac.json").write_text(artifacts.model_dump_json())
     del model
     methods = [m for m in args.methods if not (m == "activation-batch" and args.training == "full")]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
@@ -279,6 +346,7 @@ def main() -> None:
             "page_faults_per_step_all": [r["page_faults_per_step"] for r in results],
             "peak_bytes": int(peak),
             "constraint_bytes": results[0]["constraint_bytes"],
+            **({"collectives_per_step": results[0]["collectives_per_step"]} if args.fsdp2 else {}),
         }
         if base:
             row["step_ratio"] = round(step / statistics.median(r["step_seconds"] for r in base), 3)
@@ -286,8 +354,8 @@ def main() -> None:
         table[method] = row
     write_json_atomically(args.out, {
         "model": args.model, "training": args.training, "steps": args.steps, "repeats": args.repeats,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
-        "dtype": args.dtype,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "output_rank": args.output_rank, "gradient_checkpointing": args.gradient_checkpointing,
+        "dtype": args.dtype, "fsdp2_processes": 2 if args.fsdp2 else None,
         "device": device_name(device),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "peak_memory": "peak allocated CUDA bytes" if device == "cuda" else "peak resident set of the run's process after model loading",

@@ -14,15 +14,19 @@ from pathlib import Path
 
 import click
 
+from cwac_plugin import ranks
+
 LOG = logging.getLogger("cwac_plugin")
 
 
 PLUGIN_NAME = "cwac_plugin.CWACPlugin"
 
 
-# Precompute runs plain forwards on one process over the whole model: the training config's
-# sharding would load it partitioned (ZeRO-3: empty weights outside DeepSpeed's forward), and
-# Axolotl's fused LoRA kernels (on by default on CUDA) bypass the modules whose inputs it reads.
+# Precompute runs plain forwards over the whole model, on one process or, under torchrun, on every
+# rank over its share of the data. There the model is sharded as training shards it when the config
+# asks for FSDP2 (and is not quantised: a 4-bit model fits one device); any other sharding is
+# dropped (ZeRO-3 would load empty weights outside DeepSpeed's forward). Axolotl's fused LoRA
+# kernels (on by default on CUDA) bypass the modules whose inputs precompute reads.
 PRECOMPUTE_DROPS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
 PRECOMPUTE_KERNELS_OFF = {k: False for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")}
 
@@ -41,8 +45,10 @@ def load_axolotl_config(config: Path):
     from axolotl.utils.dict import DictDefault
 
     raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    for key in PRECOMPUTE_DROPS:
-        raw.pop(key, None)
+    ranks.init_process_group()
+    if not shards_for_precompute(raw):
+        for key in PRECOMPUTE_DROPS:
+            raw.pop(key, None)
     if raw.get("adapter"):
         raw |= PRECOMPUTE_KERNELS_OFF
     cfg = load_cfg(DictDefault(raw))
@@ -50,6 +56,18 @@ def load_axolotl_config(config: Path):
         raise click.UsageError(f"{config}: add `{PLUGIN_NAME}` to `plugins:` so the cwac block is validated")
     PluginManager.get_instance().plugins.pop(PLUGIN_NAME, None)
     return cfg
+
+
+def shards_for_precompute(raw: dict) -> bool:
+    """FSDP2 sharding in a torchrun job, for a model not loaded quantised."""
+    quantised = raw.get("load_in_4bit") or raw.get("load_in_8bit")
+    return ranks.launched_distributed() and str(raw.get("fsdp_version")) == "2" and not quantised
+
+
+def _say(message: str) -> None:
+    """Print once per job: every rank of a torchrun job runs the command."""
+    if ranks.is_main_process():
+        click.echo(message)
 
 
 def _job(config: Path, output: Path | None, key: str, what: str):
@@ -73,6 +91,13 @@ def _load_model(cfg, max_length: int, examples: list):
 
     check_lengths(load_tokenizer(cfg), examples, max_length)
     model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
+    if cfg.fsdp_version is not None:  # kept by load_axolotl_config only to shard like training
+        model = ranks.shard_like_training(model)
+    if ranks.world_size() > 1:
+        parameters = list(model.parameters())
+        sharded = sum(hasattr(parameter, "full_tensor") for parameter in parameters)
+        layout = f"{sharded} of {len(parameters)} parameters sharded with FSDP2 as in training" if sharded else "the whole model on every rank"
+        _say(f"precompute on {ranks.world_size()} ranks, {layout}; rank r takes batches r, r + {ranks.world_size()}, ...")
     return model, tokenizer
 
 
@@ -110,27 +135,45 @@ def _make_subspace(settings, data, model, tokenizer, max_length: int, target: Pa
     from cwac_plugin.subspace import compute_subspace, describe
 
     result = compute_subspace(model, tokenizer, settings, max_length, data)
+    if result is None:  # a rank other than the first: its share is in rank 0's result
+        return
     result.metadata[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
     path = result.save(target)
     click.echo(f"wrote {path}: {describe(result)}")
 
 
-def _make_sae(settings, examples, model, tokenizer, max_length: int, target: Path, recipe: dict) -> None:
-    from cwac_plugin.sae import train_sae
+def _fit_sae(settings, activations, model, target: Path, recipe: dict) -> None:
+    """Train and write the SAE on rank 0's gathered activations: no collective, so the other ranks
+    of a torchrun job are free to finish meanwhile."""
+    from cwac_plugin.models import base_model_of
+    from cwac_plugin.sae import fit_sae
 
-    report = train_sae(model, tokenizer, settings, examples, max_length, target, recipe=recipe)
+    model_name = str(base_model_of(model).config._name_or_path)
+    report = fit_sae(activations, settings, model_name, next(model.parameters()).device, target, recipe=recipe)
     click.echo(
         f"wrote {target}: explained variance {report['explained_variance']:.3f}, L0 {report['l0']:.1f}, "
         f"dead features {report['dead_features']}/{report['d_sae']} (on {report['tokens']} held-out tokens)"
     )
 
 
-def _make_features(settings, harmful, benign, model, tokenizer, max_length: int, target: Path, recipe: dict, top: int):
-    from cwac_plugin.sae import feature_table, load_sae, select_features
+def _feature_states(settings, harmful, benign, model, tokenizer, max_length: int, sae=None):
+    """The prompt activations features are selected from, at the SAE's hook point (or, for an SAE
+    this job is about to train, at cwac.hook_point)."""
+    from cwac_plugin.sae import check_sae_fits, feature_prompt_states, hook_point_of
 
-    sae = load_sae(settings)
+    hook_point = settings.hook_point if sae is None else hook_point_of(settings, sae)
+    if sae is not None:
+        check_sae_fits(sae, model, hook_point)
+    return hook_point, feature_prompt_states(model, tokenizer, hook_point, harmful, benign, max_length)
+
+
+def _select_features(settings, sae, hook_point: str, states, harmful, model, target: Path, recipe: dict, top: int):
+    from cwac_plugin.models import base_model_of
+    from cwac_plugin.sae import feature_table, features_from_states
+
     sae.to(next(model.parameters()).device)
-    feature_set, z_harm, _ = select_features(model, tokenizer, sae, settings, harmful, benign, max_length)
+    model_name = str(base_model_of(model).config._name_or_path)
+    feature_set, z_harm, _ = features_from_states(sae, settings, hook_point, *states, model_name)
     feature_set.recipe = recipe
     feature_set.save(target)
     click.echo(f"wrote {target}: {len(feature_set.indices)} features at {feature_set.hook_point}")
@@ -160,9 +203,13 @@ def train_sae_command(config: Path, output: Path | None):
     from cwac_plugin.prepare import wanted_recipe
 
     cfg, settings, target, max_length = _job(config, output, "sae", "the SAE directory to write")
+    from cwac_plugin.sae import sae_training_activations
+
     examples = _sae_examples(config, settings)
     model, tokenizer = _load_model(cfg, max_length, examples)
-    _make_sae(settings, examples, model, tokenizer, max_length, target, wanted_recipe(cfg, settings, "sae"))
+    activations = sae_training_activations(model, tokenizer, settings, examples, max_length)
+    if activations is not None:
+        _fit_sae(settings, activations, model, target, wanted_recipe(cfg, settings, "sae"))
 
 
 @cwac.command()
@@ -179,9 +226,14 @@ def features(config: Path, output: Path | None, top: int):
         sae_recipe = None if settings.sae_release else recorded_recipe(settings, "sae")
     except FileNotFoundError:
         sae_recipe = None  # load_sae, below, says what to do
+    from cwac_plugin.sae import load_sae
+
     recipe = wanted_recipe(cfg, settings, "features", sae_recipe)
+    sae = load_sae(settings)
     model, tokenizer = _load_model(cfg, max_length, harmful + benign)
-    _make_features(settings, harmful, benign, model, tokenizer, max_length, target, recipe, top)
+    hook_point, states = _feature_states(settings, harmful, benign, model, tokenizer, max_length, sae)
+    if states is not None:
+        _select_features(settings, sae, hook_point, states, harmful, model, target, recipe, top)
 
 
 @cwac.command()
@@ -191,6 +243,8 @@ def prepare(config: Path):
 
     Each artifact records what it was made from (model, settings, data); one made from anything else
     is remade, and so are the features of a remade SAE. The model is loaded once, only if needed.
+    Every forward comes first, so that under torchrun rank 0 trains the SAE and selects its features
+    alone, from what the ranks gathered, while the others are done.
     """
     from cwac_plugin.plugin import settings_from
     from cwac_plugin.prepare import staleness
@@ -200,9 +254,9 @@ def prepare(config: Path):
     settings = settings_from(cfg)
     recipes, stale = staleness(cfg, settings)
     for artifact in recipes:
-        click.echo(f"{artifact} ({getattr(settings, artifact) or settings.sae_release}): {stale.get(artifact, 'up to date')}")
+        _say(f"{artifact} ({getattr(settings, artifact) or settings.sae_release}): {stale.get(artifact, 'up to date')}")
     if not stale:
-        click.echo("nothing to do")
+        _say("nothing to do")
         return
     for artifact in stale:
         if getattr(settings, artifact) is None:
@@ -212,13 +266,23 @@ def prepare(config: Path):
     sae_examples = _sae_examples(config, settings) if "sae" in stale else []
     harmful, benign = _feature_examples(config, settings) if "features" in stale else ([], [])
     examples = (data.safety + (data.contrast or []) if data else []) + sae_examples + harmful + benign
+    from cwac_plugin.sae import load_sae, sae_training_activations
+
+    existing_sae = load_sae(settings) if "features" in stale and "sae" not in stale else None
     model, tokenizer = _load_model(cfg, max_length, examples)
     if "subspace" in stale:
         _make_subspace(settings, data, model, tokenizer, max_length, Path(settings.subspace), recipes["subspace"])
     if "sae" in stale:
-        _make_sae(settings, sae_examples, model, tokenizer, max_length, Path(settings.sae), recipes["sae"])
+        activations = sae_training_activations(model, tokenizer, settings, sae_examples, max_length)
     if "features" in stale:
-        _make_features(settings, harmful, benign, model, tokenizer, max_length, Path(settings.features), recipes["features"], 0)
+        hook_point, states = _feature_states(settings, harmful, benign, model, tokenizer, max_length, existing_sae)
+    if not ranks.is_main_process():
+        return
+    if "sae" in stale:
+        _fit_sae(settings, activations, model, Path(settings.sae), recipes["sae"])
+    if "features" in stale:
+        sae = existing_sae or load_sae(settings)
+        _select_features(settings, sae, hook_point, states, harmful, model, Path(settings.features), recipes["features"], 0)
 
 
 @cwac.command("eval")
@@ -338,3 +402,7 @@ def main():
     except ValueError as err:  # config, data and subspace errors carry their own fix
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # `torchrun --nproc_per_node N -m cwac_plugin.cli prepare CONFIG`
+    main()

@@ -84,9 +84,12 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def dense_weight(module: nn.Module) -> Tensor:
-    """The float32 weight of a linear layer, dequantising bitsandbytes 4-bit weights."""
+    """The float32 weight of a linear layer, dequantising bitsandbytes 4-bit weights and gathering
+    FSDP2's rows (a collective: every rank must ask for the same weights in the same order)."""
     linear = linear_of(module)
     weight = linear.weight
+    if hasattr(weight, "full_tensor"):
+        return weight.detach().full_tensor().float()
     if getattr(weight, "quant_state", None) is not None:
         import bitsandbytes.functional as bnbf
 
@@ -109,4 +112,3 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
             return module
     raise SAEConfigError("found no decoder layer list (a ModuleList named `layers`) in the model")
-

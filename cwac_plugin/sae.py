@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from cwac_plugin import ranks
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
 from cwac_plugin.errors import SAEConfigError
@@ -190,31 +190,41 @@ def check_sae_fits(sae, model: nn.Module, hook_point: str) -> None:
 
 
 @torch.no_grad()
-def token_activations(
-    model: nn.Module, tap: ResidualTap, batches: Batches, max_tokens: int | None = None, desc: str = "activations"
-) -> Tensor:
-    """Residual activations of all non-padding tokens, float32 on CPU."""
-    chunks, total = [], 0
-    for batch in tqdm(batches, desc=desc, unit="batch"):
+def token_activations(model: nn.Module, tap: ResidualTap, batches: Batches, desc: str = "activations") -> Tensor | None:
+    """Residual activations of all non-padding tokens, float32 on CPU, in data order: on the first
+    rank of a torchrun job (None on the others, which measured their share)."""
+    chunks = []
+    for index, batch, weight in ranks.progress(batches, desc):
         hidden = run_and_capture(model, tap, batch)
-        chunks.append(hidden[batch["attention_mask"].bool()].float().cpu())
-        total += chunks[-1].shape[0]
-        if max_tokens is not None and total >= max_tokens:
-            break
-    return torch.cat(chunks)[:max_tokens]
+        if weight:
+            chunks.append((index, hidden[batch["attention_mask"].bool()].float().cpu()))
+    gathered = ranks.gather_in_order(chunks)
+    return None if gathered is None else torch.cat(gathered)
 
 
 @torch.no_grad()
-def prompt_feature_means(model: nn.Module, tap: ResidualTap, sae, batches: Batches, desc: str) -> Tensor:
-    """Per prompt, the mean SAE activation over the prompt's tokens: (n_prompts, d_sae)."""
+def prompt_hidden_states(model: nn.Module, tap: ResidualTap, batches: Batches, desc: str) -> list[Tensor] | None:
+    """Per prompt, the residual activations at its prompt tokens (float32, CPU), in data order, on
+    the first rank: what feature selection encodes, after the model is done (and, in `cwac prepare`,
+    before the SAE that encodes them is trained)."""
     rows = []
-    for batch in tqdm(batches, desc=desc, unit="batch"):
+    for index, batch, weight in ranks.progress(batches, desc):
         hidden = run_and_capture(model, tap, batch)
         prompt_mask = (batch["labels"] == -100) & batch["attention_mask"].bool()
-        z = sae.encode(hidden.to(sae.W_enc.dtype))
-        weights = prompt_mask.float().unsqueeze(-1)
-        rows.append(((z * weights).sum(1) / weights.sum(1).clamp(min=1)).float().cpu())
-    return torch.cat(rows)
+        if weight:
+            rows.append((index, [h[m].float().cpu() for h, m in zip(hidden, prompt_mask, strict=True)]))
+    gathered = ranks.gather_in_order(rows)
+    return None if gathered is None else [prompt for batch in gathered for prompt in batch]
+
+
+@torch.no_grad()
+def prompt_feature_means(sae, prompts: list[Tensor]) -> Tensor:
+    """Per prompt, the mean SAE activation over the prompt's tokens: (n_prompts, d_sae)."""
+    lengths = torch.tensor([len(prompt) for prompt in prompts])
+    owner = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
+    parameter = sae.W_enc
+    z = torch.cat([sae.encode(chunk.to(parameter.device, parameter.dtype)).float().cpu() for chunk in torch.cat(prompts).split(4096)])
+    return torch.zeros(len(prompts), z.shape[1]).index_add_(0, owner, z) / lengths.clamp(min=1).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,25 +260,47 @@ def reconstruction_report(sae, activations: Tensor) -> dict[str, float]:
 def train_sae(
     model: nn.Module, tokenizer, cfg: CWACConfig, examples: list[Example], max_length: int, out_dir: str | Path,
     seed: int = 0, recipe: dict | None = None,
-) -> dict:
+) -> dict | None:
     """Train a TopK SAE on the model's activations at `cfg.hook_point` and save it (sae-lens format).
 
-    Activations of `examples` are computed once and replayed, shuffled, to sae-lens's
-    `SAETrainer`: no TransformerLens model is needed. 10% of the tokens are held out for the report.
+    In a torchrun job the first rank trains and writes; the others return None once they have run
+    their share of the forwards.
     """
-    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+    activations = sae_training_activations(model, tokenizer, cfg, examples, max_length)
+    if activations is None:
+        return None
+    model_name = str(base_model_of(model).config._name_or_path)
+    return fit_sae(activations, cfg, model_name, next(model.parameters()).device, out_dir, seed, recipe)
 
+
+def sae_training_activations(
+    model: nn.Module, tokenizer, cfg: CWACConfig, examples: list[Example], max_length: int
+) -> Tensor | None:
+    """Activations at `cfg.hook_point` of every token of `examples` (first rank only, else None)."""
     if not cfg.hook_point:
         raise SAEConfigError("cwac.hook_point is required by `cwac train-sae` (e.g. blocks.6.hook_resid_post)")
-    torch.manual_seed(seed)
     model.eval()
     device = next(model.parameters()).device
     tap = ResidualTap(model, cfg.hook_point)
     try:
-        activations = token_activations(model, tap, Batches(tokenizer, examples, max_length, 8, device))
+        return token_activations(model, tap, Batches(tokenizer, examples, max_length, 8, device))
     finally:
         tap.remove()
+
+
+def fit_sae(
+    activations: Tensor, cfg: CWACConfig, model_name: str, device: torch.device, out_dir: str | Path, seed: int = 0,
+    recipe: dict | None = None,
+) -> dict:
+    """Train the SAE on cached activations and save it with its report.
+
+    The activations are replayed, shuffled, to sae-lens's `SAETrainer`: no TransformerLens model
+    is needed. 10% of the tokens are held out for the report.
+    """
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    torch.manual_seed(seed)
     order = torch.randperm(activations.shape[0], generator=torch.Generator().manual_seed(seed))
     held_out = activations[order[: max(1, len(order) // 10)]]
     train = activations[order[len(held_out) :]]
@@ -283,7 +315,7 @@ def train_sae(
         )
     )
     sae.cfg.metadata.hook_name = cfg.hook_point
-    sae.cfg.metadata.model_name = str(base_model_of(model).config._name_or_path)
+    sae.cfg.metadata.model_name = model_name
     trainer = SAETrainer(
         SAETrainerConfig(
             total_training_samples=cfg.sae_training_tokens,
@@ -397,23 +429,45 @@ class FeatureSet:
 @torch.no_grad()
 def select_features(
     model: nn.Module, tokenizer, sae, cfg: CWACConfig, harmful: list[Example], benign: list[Example], max_length: int
-) -> tuple[FeatureSet, Tensor, Tensor]:
+) -> tuple[FeatureSet, Tensor, Tensor] | None:
     """Score every feature on harmful vs benign prompts and keep the top `cfg.num_features`.
 
-    Returns the feature set and the per-prompt activations (harmful, benign) for inspection.
+    Returns the feature set and the per-prompt activations (harmful, benign) for inspection; None
+    on the ranks of a torchrun job other than the first.
     """
     hook_point = hook_point_of(cfg, sae)
     check_sae_fits(sae, model, hook_point)
-    if cfg.num_features > sae.cfg.d_sae:
-        raise SAEConfigError(f"cwac.num_features = {cfg.num_features} exceeds the SAE's {sae.cfg.d_sae} features")
+    prompts = feature_prompt_states(model, tokenizer, hook_point, harmful, benign, max_length)
+    if prompts is None:
+        return None
+    return features_from_states(sae, cfg, hook_point, *prompts, str(base_model_of(model).config._name_or_path))
+
+
+@torch.no_grad()
+def feature_prompt_states(
+    model: nn.Module, tokenizer, hook_point: str, harmful: list[Example], benign: list[Example], max_length: int
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The prompt tokens' activations of harmful and benign prompts (first rank only, else None)."""
     model.eval()
     device = next(model.parameters()).device
     tap = ResidualTap(model, hook_point)
     try:
-        z_harm = prompt_feature_means(model, tap, sae, Batches(tokenizer, harmful, max_length, 8, device), "harmful")
-        z_benign = prompt_feature_means(model, tap, sae, Batches(tokenizer, benign, max_length, 8, device), "benign")
+        harmful_states, benign_states = (
+            prompt_hidden_states(model, tap, Batches(tokenizer, examples, max_length, 8, device), desc)
+            for examples, desc in ((harmful, "harmful"), (benign, "benign"))
+        )
     finally:
         tap.remove()
+    return None if harmful_states is None else (harmful_states, benign_states)
+
+
+def features_from_states(
+    sae, cfg: CWACConfig, hook_point: str, harmful: list[Tensor], benign: list[Tensor], model_name: str
+) -> tuple[FeatureSet, Tensor, Tensor]:
+    """The feature set from the prompt tokens' activations (`feature_prompt_states`)."""
+    if cfg.num_features > sae.cfg.d_sae:
+        raise SAEConfigError(f"cwac.num_features = {cfg.num_features} exceeds the SAE's {sae.cfg.d_sae} features")
+    z_harm, z_benign = prompt_feature_means(sae, harmful), prompt_feature_means(sae, benign)
     scores = score_features(z_harm, z_benign, cfg.feature_score)
     top = scores.topk(cfg.num_features)
     indices = top.indices.tolist()
@@ -426,7 +480,7 @@ def select_features(
         reference_scale=scale.tolist(),
         score_method=cfg.feature_score,
         d_sae=sae.cfg.d_sae,
-        model=str(base_model_of(model).config._name_or_path),
+        model=model_name,
     )
     return feature_set, z_harm, z_benign
 

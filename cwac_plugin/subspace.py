@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cwac_plugin import ranks
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example, load_examples
 from cwac_plugin.errors import SubspaceError
@@ -255,6 +256,7 @@ class _MomentAccumulator:
         self.sums: dict[str, Tensor] = {}
         self.tokens = 0
         self.mask: Tensor | None = None
+        self.weight = 1.0  # 0 for a rank's repeat of a batch (ranks.my_share)
         self._last: tuple[Tensor, Tensor] | None = None  # (input tensor, its x^T x)
         self._handles = [linear_of(m).register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
@@ -263,7 +265,7 @@ class _MomentAccumulator:
             x = args[0]
             if self._last is None or self._last[0] is not x:
                 flat = _real_tokens(x, self.mask)
-                self._last = (x, flat.T @ flat)
+                self._last = (x, self.weight * (flat.T @ flat))
             if name in self.sums:
                 self.sums[name] += self._last[1]
             else:
@@ -271,9 +273,10 @@ class _MomentAccumulator:
 
         return hook
 
-    def start_batch(self, attention_mask: Tensor) -> None:
+    def start_batch(self, attention_mask: Tensor, weight: float) -> None:
         self.mask = attention_mask.reshape(-1).bool()
-        self.tokens += int(self.mask.sum())
+        self.tokens += int(weight * self.mask.sum())
+        self.weight = weight
         self._last = None
 
     def remove(self) -> None:
@@ -285,16 +288,17 @@ class _MomentAccumulator:
 def activation_moments(
     model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, Tensor]], desc: str
 ) -> tuple[dict[str, Tensor], int]:
-    """E[x x^T] of each module's inputs over the non-padding tokens of `batches`."""
+    """E[x x^T] of each module's inputs over the non-padding tokens of `batches` (of every rank's share)."""
     accumulator = _MomentAccumulator(modules)
     try:
-        for batch in tqdm(batches, desc=f"{desc} activations", unit="batch"):
-            accumulator.start_batch(batch["attention_mask"])
+        for _, batch, weight in ranks.progress(batches, f"{desc} activations"):
+            accumulator.start_batch(batch["attention_mask"], weight)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         accumulator.remove()
-    n = max(accumulator.tokens, 1)
-    return {k: v / n for k, v in accumulator.sums.items()}, accumulator.tokens
+    (tokens,) = ranks.sum_over_ranks(accumulator.sums, accumulator.tokens)
+    n = max(tokens, 1)
+    return {k: v / n for k, v in accumulator.sums.items()}, tokens
 
 
 @torch.no_grad()
@@ -339,7 +343,7 @@ def _gram(p: Tensor, q: Tensor, test: Tensor | None) -> Tensor:
     return p.T @ (q @ (q.T @ (p @ test)))
 
 
-def response_loss(model: nn.Module, inputs_embeds: Tensor, batch: dict[str, Tensor]) -> Tensor:
+def response_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The model's mean next-token loss on the response tokens of `batch`, with logits only at
     the positions that predict one (the union over rows).
 
@@ -353,7 +357,7 @@ def response_loss(model: nn.Module, inputs_embeds: Tensor, batch: dict[str, Tens
     positions = (targets != -100).any(dim=0).nonzero().flatten()
     selective = accepts_logits_to_keep(model)
     logits = model(
-        inputs_embeds=inputs_embeds,
+        input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         **({"logits_to_keep": positions} if selective else {}),
     ).logits
@@ -385,6 +389,7 @@ def gradient_moments(
     last_input: list[Tensor | None] = [None, None]
     test_matrices: dict[tuple[int, int], Tensor] = {}
     mask: Tensor | None = None
+    weight = 1.0  # 0 for a rank's repeat of a batch (ranks.my_share)
     tokens = n_batches = 0
 
     def test_matrix(d: int, columns: int | None, device: torch.device) -> Tensor | None:
@@ -396,9 +401,9 @@ def gradient_moments(
 
     def accumulate(store: dict[str, Tensor], name: str, value: Tensor) -> None:
         if name in store:
-            store[name] += value
+            store[name] += weight * value
         else:
-            store[name] = value
+            store[name] = weight * value
 
     def make_hook(name: str):
         d_out, d_in = module_dims(modules[name])
@@ -421,23 +426,27 @@ def gradient_moments(
         return hook
 
     handles = [linear_of(m).register_forward_hook(make_hook(name)) for name, m in modules.items()]
-    embeddings = model.get_input_embeddings()
+    # The backward starts from the embeddings' output, made a leaf inside the model's own forward
+    # (a sharded model's embedding weight is only whole there)
+    as_leaf = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))
+    handles.append(as_leaf)
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         for parameter in trainable:
             parameter.requires_grad_(False)
-        for batch in tqdm(batches, desc=f"{desc} gradients", unit="batch"):
+        for _, batch, weight in ranks.progress(batches, f"{desc} gradients"):
             mask = batch["attention_mask"].reshape(-1).bool()
-            tokens += int(mask.sum())
-            n_batches += 1
-            inputs_embeds = embeddings(batch["input_ids"]).detach().requires_grad_(True)
-            response_loss(model, inputs_embeds, batch).backward()
+            tokens += int(weight * mask.sum())
+            n_batches += int(weight)
+            response_loss(model, batch).backward()
             last_input[:] = None, None
     finally:
         for handle in handles:
             handle.remove()
         for parameter in trainable:
             parameter.requires_grad_(True)
+    every_sum = grads_in | {f"{k} output": v for k, v in grads_out.items()}
+    n_batches, tokens = ranks.sum_over_ranks(every_sum, n_batches, tokens)
     n = max(n_batches, 1)
     return {k: v / n for k, v in grads_in.items()}, {k: v / n for k, v in grads_out.items()}, tokens
 
@@ -578,8 +587,12 @@ class SubspaceData:
 
 def compute_subspace(
     model: nn.Module, tokenizer, cfg: CWACConfig, max_length: int, data: SubspaceData | None = None
-) -> Subspace:
-    """Compute the safety subspace of the aligned `model` as the `cwac` block describes."""
+) -> Subspace | None:
+    """Compute the safety subspace of the aligned `model` as the `cwac` block describes.
+
+    In a torchrun job every rank measures its share of the data and the first rank alone solves
+    for the bases: the others return None.
+    """
     modules = find_target_modules(model, cfg.target_modules, cfg.layers)
     if not modules:
         linear_names = [n for n, m in base_model_of(model).named_modules() if isinstance(m, nn.Linear)][:4]
@@ -592,6 +605,11 @@ def compute_subspace(
     metadata["weights"] = weights_precision(modules)
     model.eval()
     if cfg.subspace_method == "delta":
+        if ranks.world_size() > 1:
+            raise SubspaceError(
+                "cwac.subspace_method: delta compares two models' weights and runs no forward: run `cwac subspace` "
+                "in one process (without torchrun)"
+            )
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(cfg.delta_base_model, dtype=torch.float32)
@@ -634,5 +652,7 @@ def compute_subspace(
         }
     if cfg.subspace_method == "activation" and cfg.output_rank:
         moments_out = output_moments(modules, moments_in)
+    if not ranks.is_main_process():
+        return None
     inputs, outputs = bases_from_moments(moments_in, moments_out, cfg.rank, cfg.energy, cfg.output_rank)
     return Subspace(inputs, outputs, metadata)

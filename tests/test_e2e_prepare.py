@@ -1,11 +1,18 @@
 """`cwac prepare`: every artifact from one command, each remade only when what it was made from changed."""
 
+import json
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from conftest import ACTIVATION, axolotl_config, check_ok, run
+from conftest import ACTIVATION, axolotl_config, check_ok, logged_steps, run
+from test_e2e_matrix import FSDP2
+from test_e2e_weight_constraint import LORA, check_verified
 
 pytestmark = pytest.mark.e2e
 
@@ -48,3 +55,63 @@ def test_prepare_makes_what_is_missing_and_redoes_only_what_is_stale(tmp_path, t
     raw["cwac"]["sae_k"] = 8
     config.write_text(yaml.safe_dump(raw))
     assert "its SAE is remade" in prepare(config, tmp_path)  # a new SAE takes new features with it
+
+
+def test_two_nodes_prepare_and_train_with_fsdp2(tmp_path, tiny_model, data_files, subspace_file, artifacts):
+    """The multi-node path end to end, 2 "nodes" of 1 process on this machine.
+
+    `cwac prepare` under torchrun, the model sharded as FSDP2 training shards it: each rank runs its
+    share of the batches (the SAE's 20 prompts make 3 batches, so rank 1 also runs a weight-0
+    repeat), and rank 0 writes the same files as the single-process commands behind the fixtures.
+    Then `axolotl train` with `--nnodes 2`, each node with its own config copy, prepared data and
+    output directory as on separate machines, both constraints on; `cwac verify` passes on node 0's save.
+    """
+    from safetensors.torch import load_file
+
+    cwac = {
+        **ACTIVATION, "weight_constraint": True, "act_lambda": 20.0, "sae": str(tmp_path / "sae"),
+        "features": str(tmp_path / "features.json"), "subspace": str(tmp_path / "subspace.safetensors"),
+    }
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac=cwac, **FSDP2, **LORA)
+    proc = check_ok(run(["torchrun", "--nproc_per_node", "2", "-m", "cwac_plugin.cli", "prepare", str(config)], cwd=tmp_path))
+    # all: the tiny model's 21 (2 layers of 7 linear weights and 2 norms, embeddings, final norm, head)
+    # and the 28 factors of the LoRA adapter Axolotl's loader adds (zero, so it changes no statistic)
+    assert "precompute on 2 ranks, 49 of 49 parameters sharded with FSDP2 as in training" in proc.stdout
+    assert proc.stdout.count("wrote ") == 3  # rank 0 alone writes
+
+    one, two = load_file(subspace_file), load_file(tmp_path / "subspace.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:  # the spans agree (each basis is defined up to sign)
+        assert torch.allclose(one[name] @ one[name].T, two[name] @ two[name].T, atol=1e-5), name
+    single_sae = Path(artifacts["cwac"]["sae"])
+    one, two = load_file(single_sae / "sae_weights.safetensors"), load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    assert all(torch.allclose(one[name], two[name], atol=1e-5) for name in one)
+    one, two = (json.loads(Path(path).read_text()) for path in (artifacts["cwac"]["features"], tmp_path / "features.json"))
+    assert one["indices"] == two["indices"]
+    assert one["reference_scale"] == pytest.approx(two["reference_scale"], rel=1e-5)
+
+    nodes = [config]
+    node1 = tmp_path / "node1"
+    node1.mkdir()
+    nodes.append(axolotl_config(node1, tiny_model, data_files, cwac=cwac, **FSDP2, **LORA))
+    port = free_port()
+    with ThreadPoolExecutor(2) as pool:
+        launches = [
+            pool.submit(run, ["axolotl", "train", str(node), "--launcher", "torchrun", "--", "--nnodes", "2",
+                              "--nproc_per_node", "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+                              "--master_port", str(port)], node.parent)
+            for rank, node in enumerate(nodes)
+        ]
+        for launch in launches:
+            check_ok(launch.result())
+    check_verified(tmp_path, tiny_model, tmp_path / "subspace.safetensors", saves_adapter=True)
+    logged = logged_steps(tmp_path / "out")
+    assert len(logged) == 4 and all(entry["cwac/leakage"] < 1e-5 for entry in logged)
+    assert any(entry["cwac/act_loss"] > 0 for entry in logged)
+    assert not (node1 / "out" / "adapter_model.safetensors").exists()  # only global rank 0 saves
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,54 @@
+"""How a torchrun job shares precompute, in two real gloo processes: each batch on exactly one rank,
+every rank running as many forwards, sums over ranks, and rows gathered back in data order."""
+
+import json
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from cwac_plugin import ranks
+
+WORLD = 2
+
+
+def worker(rank: int, port: int, n_batches: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        batches = [{"input_ids": torch.full((1, 2), index)} for index in range(n_batches)]
+        share = list(ranks.my_share(batches))
+        counted = [index for index, _, weight in share if weight]
+        repeats = [int(batch["input_ids"][0, 0]) for index, batch, weight in share if not weight]
+        sums = {"x": torch.tensor([float(sum(counted))])}
+        (total,) = ranks.sum_over_ranks(sums, len(counted))
+        gathered = ranks.gather_in_order([(index, f"batch {index}") for index in counted])
+        result = {"counted": counted, "repeats": repeats, "forwards": len(share), "expected_forwards":
+                  ranks.share_length(batches), "sum": sums["x"].item(), "total": total, "gathered": gathered}
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(tmp_path, n_batches: int) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "result")
+    mp.spawn(worker, args=(port, n_batches, out), nprocs=WORLD, join=True)
+    return [json.loads(open(f"{out}.{rank}").read()) for rank in range(WORLD)]
+
+
+def test_each_batch_is_counted_once_and_every_rank_runs_as_many_forwards(tmp_path):
+    first, second = run_ranks(tmp_path, 5)
+    assert first["counted"] == [0, 2, 4] and second["counted"] == [1, 3]
+    assert second["repeats"] == [3] and first["repeats"] == []  # a repeat of its own last batch, weight 0
+    assert first["forwards"] == second["forwards"] == first["expected_forwards"] == 3
+    assert first["sum"] == second["sum"] == 0 + 1 + 2 + 3 + 4 and first["total"] == second["total"] == 5
+    assert first["gathered"] == [f"batch {index}" for index in range(5)] and second["gathered"] is None
+
+
+def test_a_rank_without_a_batch_of_its_own_still_runs_the_forward(tmp_path):
+    first, second = run_ranks(tmp_path, 1)
+    assert first["counted"] == [0] and second["counted"] == [] and second["repeats"] == [0]
+    assert first["total"] == second["total"] == 1 and first["gathered"] == ["batch 0"]
