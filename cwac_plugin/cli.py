@@ -79,6 +79,11 @@ def _job(config: Path, output: Path | None, key: str, what: str):
     target = output or getattr(settings, key)
     if target is None:
         raise click.UsageError(f"{config}: set cwac.{key} ({what}) or pass --output")
+    if settings.own_data and not Path(settings.safety_data).is_file():
+        raise click.UsageError(
+            f"{config}: cwac.safety_data is unset, so it is built from the model's own refusals by "
+            f"`cwac prepare {config}` (which also makes this artifact); or set cwac.safety_data"
+        )
     return cfg, settings, target, settings.max_length or cfg.sequence_len
 
 
@@ -201,10 +206,9 @@ def subspace(config: Path, output: Path | None):
 def train_sae_command(config: Path, output: Path | None):
     """Train a TopK SAE at cwac.hook_point on the safety and contrast data; write cwac.sae."""
     from cwac_plugin.prepare import wanted_recipe
-
-    cfg, settings, target, max_length = _job(config, output, "sae", "the SAE directory to write")
     from cwac_plugin.sae import sae_training_activations
 
+    cfg, settings, target, max_length = _job(config, output, "sae", "the SAE directory to write")
     examples = _sae_examples(config, settings)
     model, tokenizer = _load_model(cfg, max_length, examples)
     activations = sae_training_activations(model, tokenizer, settings, examples, max_length)
@@ -219,6 +223,7 @@ def train_sae_command(config: Path, output: Path | None):
 def features(config: Path, output: Path | None, top: int):
     """Select the SAE features that separate harmful from benign prompts; write cwac.features."""
     from cwac_plugin.prepare import recorded_recipe, wanted_recipe
+    from cwac_plugin.sae import load_sae
 
     cfg, settings, target, max_length = _job(config, output, "features", "the JSON to write")
     harmful, benign = _feature_examples(config, settings)
@@ -226,8 +231,6 @@ def features(config: Path, output: Path | None, top: int):
         sae_recipe = None if settings.sae_release else recorded_recipe(settings, "sae")
     except FileNotFoundError:
         sae_recipe = None  # load_sae, below, says what to do
-    from cwac_plugin.sae import load_sae
-
     recipe = wanted_recipe(cfg, settings, "features", sae_recipe)
     sae = load_sae(settings)
     model, tokenizer = _load_model(cfg, max_length, harmful + benign)
@@ -246,8 +249,11 @@ def prepare(config: Path):
     Every forward comes first, so that under torchrun rank 0 trains the SAE and selects its features
     alone, from what the ranks gathered, while the others are done.
     """
+    from cwac_plugin import own_data
+    from cwac_plugin.data import check_lengths
     from cwac_plugin.plugin import settings_from
     from cwac_plugin.prepare import staleness
+    from cwac_plugin.sae import load_sae, sae_training_activations
     from cwac_plugin.subspace import SubspaceData
 
     cfg = load_axolotl_config(config)
@@ -262,14 +268,21 @@ def prepare(config: Path):
         if getattr(settings, artifact) is None:
             raise click.UsageError(f"{config}: set cwac.{artifact} (where to write it)")
     max_length = settings.max_length or cfg.sequence_len
+    model = tokenizer = None
+    if "own_data" in stale:  # first: everything else is computed from these data
+        model, tokenizer = _load_model(cfg, max_length, [])
+        summary = own_data.build(model, tokenizer, settings, max_length, recipes["own_data"])
+        _say(f"wrote the own data beside {settings.own_data}: {own_data.describe(summary)}")
+        recipes, stale = staleness(cfg, settings)
     data = SubspaceData.load(settings) if "subspace" in stale else None  # data errors before the model loads
     sae_examples = _sae_examples(config, settings) if "sae" in stale else []
     harmful, benign = _feature_examples(config, settings) if "features" in stale else ([], [])
     examples = (data.safety + (data.contrast or []) if data else []) + sae_examples + harmful + benign
-    from cwac_plugin.sae import load_sae, sae_training_activations
-
     existing_sae = load_sae(settings) if "features" in stale and "sae" not in stale else None
-    model, tokenizer = _load_model(cfg, max_length, examples)
+    if model is None:
+        model, tokenizer = _load_model(cfg, max_length, examples)
+    else:
+        check_lengths(tokenizer, examples, max_length)
     if "subspace" in stale:
         _make_subspace(settings, data, model, tokenizer, max_length, Path(settings.subspace), recipes["subspace"])
     if "sae" in stale:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 # Llama-style names, and the fused projections of Phi-3 (qkv_proj, gate_up_proj) and GPT-NeoX/Falcon
 # (query_key_value): linear modules like the others, whose input side needs nothing special.
@@ -23,11 +23,30 @@ class CWACConfig(BaseModel):
     """Settings of the weight constraint (safety subspace)."""
 
     model_config = ConfigDict(extra="forbid")
+    _own_data: str | None = PrivateAttr(default=None)  # own_data.json, when own_data.with_own_data resolved the data
+
+    @property
+    def own_data(self) -> str | None:
+        """The summary file of the data built from the model's own answers, or None (data given)."""
+        return self._own_data
 
     safety_data: str | None = Field(
         default=None,
         description="jsonl of harmful prompts with refusals: one object per line with `prompt` and "
-        "`response`. Read by `cwac subspace` (methods activation and gradient).",
+        "`response`. Read by `cwac subspace` (methods activation and gradient). Unset: `cwac prepare` "
+        "builds it from the model's own refusals to shipped Do-Not-Answer prompts (and `contrast_data`, "
+        "if unset too, from its answers to shipped benign prompts).",
+    )
+    own_data_prompts: int = Field(
+        default=256, ge=1, description="Harmful and benign prompts asked for the model's own data (safety_data unset).",
+    )
+    own_data_max_new_tokens: int = Field(
+        default=96, ge=1, description="New tokens per answer the model gives for its own data.",
+    )
+    own_data_min_refusal_rate: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Below this share of refused harmful prompts the model is taken as not aligned and "
+        "`cwac prepare` stops (safety_data unset).",
     )
     contrast_data: str | None = Field(
         default=None,

@@ -21,14 +21,17 @@ LOG = get_logger("axolotl.integrations.cwac")
 
 
 def settings_from(cfg) -> CWACConfig:
-    """The validated `cwac` block; listing the plugin without one is a configuration error."""
+    """The validated `cwac` block, its data resolved (`own_data.with_own_data`); listing the plugin
+    without one is a configuration error."""
     block = cfg.get("cwac") if hasattr(cfg, "get") else None
     if block is None:
         raise ValueError(
             "plugins lists cwac_plugin.CWACPlugin but the config has no `cwac:` block; add one "
             "(at least cwac.subspace), or remove the plugin"
         )
-    return block if isinstance(block, CWACConfig) else CWACConfig.model_validate(dict(block))
+    from cwac_plugin.own_data import with_own_data
+
+    return with_own_data(block if isinstance(block, CWACConfig) else CWACConfig.model_validate(dict(block)))
 
 
 class CWACPlugin(BasePlugin):

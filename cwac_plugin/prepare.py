@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from cwac_plugin import own_data
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.errors import ArtifactError
 
@@ -28,6 +29,7 @@ SETTINGS = {
     ),
     "sae": ("hook_point", "sae_width", "sae_k", "sae_training_tokens", "sae_batch_tokens", "sae_lr", "max_examples"),
     "features": ("hook_point", "num_features", "feature_score", "max_examples"),
+    "own_data": own_data.SETTINGS,
 }
 
 
@@ -38,8 +40,9 @@ def file_digest(path: str | None) -> str | None:
 
 
 def needed(settings: CWACConfig) -> list[str]:
-    """The artifacts the block uses, in the order they are made (features read the SAE)."""
-    artifacts = ["subspace"] if settings.weight_constraint else []
+    """The artifacts the block uses, in the order they are made (all read the data; features the SAE)."""
+    artifacts = ["own_data"] if settings.own_data else []
+    artifacts += ["subspace"] if settings.weight_constraint else []
     if settings.activation_constraint:
         artifacts += ([] if settings.sae_release else ["sae"]) + ["features"]
     return artifacts
@@ -60,6 +63,9 @@ def wanted_recipe(cfg, settings: CWACConfig, artifact: str, sae_recipe: dict | N
         "settings": {key: getattr(settings, key) for key in SETTINGS[artifact]},
         "data": {key: file_digest(getattr(settings, key)) for key in ("safety_data", "contrast_data")},
     }
+    if artifact == "own_data":  # made from the shipped prompts that fit, not from the files it makes
+        recipe["data"] = own_data.shipped_digests()
+        recipe["settings"]["max_length"] = settings.max_length or cfg.get("sequence_len")
     if artifact == "features":
         recipe["sae"] = {"release": settings.sae_release, "id": settings.sae_id} if settings.sae_release else sae_recipe
     return json.loads(json.dumps(recipe))  # as it reads back from a file: tuples as lists
@@ -115,6 +121,8 @@ def staleness(cfg, settings: CWACConfig, at_training: bool = False) -> tuple[dic
         return artifact in stale and not (at_training and stale[artifact] == NO_RECIPE)
 
     for artifact in needed(settings):
+        if artifact == "own_data" and at_training and not (settings.activation_constraint and settings.act_anchor == "safety"):
+            continue  # training reads the data only as safety anchors; the artifacts made from them are checked
         recipes[artifact] = wanted_recipe(cfg, settings, artifact, sae_recipe)
         try:
             recorded = recorded_recipe(settings, artifact)
@@ -132,6 +140,8 @@ def staleness(cfg, settings: CWACConfig, at_training: bool = False) -> tuple[dic
             stale[artifact] = NO_RECIPE
         elif "external" in recorded:
             recipes[artifact] = recorded
+        elif artifact != "own_data" and remade("own_data"):
+            stale[artifact] = "its data are remade"
         elif artifact == "features" and remade("sae"):
             stale[artifact] = "its SAE is remade"
         elif recorded != wanted:
@@ -151,7 +161,8 @@ def check_prepared(cfg, settings: CWACConfig) -> None:
     for artifact, why in stale.items():
         if why != NO_RECIPE and getattr(settings, artifact) is not None:  # unset: its loader asks for it
             state = "missing" if why == "missing" else f"stale ({why})"
-            raise ArtifactError(f"cwac.{artifact}: {getattr(settings, artifact)} is {state}: run `cwac prepare {config_name()}`")
+            key = "cwac.safety_data (unset: the model's own answers)" if artifact == "own_data" else f"cwac.{artifact}"
+            raise ArtifactError(f"{key}: {getattr(settings, artifact)} is {state}: run `cwac prepare {config_name()}`")
 
 
 def config_name() -> str:

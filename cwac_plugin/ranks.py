@@ -85,6 +85,12 @@ def progress(batches: Batches, desc: str) -> Iterator[tuple[int, dict[str, Tenso
     )
 
 
+def barrier() -> None:
+    """Wait for every rank: after the first rank wrote what the others read next."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def sum_over_ranks(sums: dict[str, Tensor], *counts: int) -> tuple[int, ...]:
     """Sum `sums` in place over ranks (every rank holds the same keys) and return the summed counts."""
     if world_size() == 1:

@@ -115,3 +115,73 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_without_safety_data_an_unaligned_model_is_refused(tmp_path, tiny_model, data_files):
+    """No cwac.safety_data: the data would be the model's own refusals, and the tiny random model refuses
+    nothing, so `cwac prepare` stops before computing anything, and training asks for `cwac prepare`."""
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={"own_data_prompts": 16})
+    raw = yaml.safe_load(config.read_text())
+    del raw["cwac"]["safety_data"], raw["cwac"]["contrast_data"]
+    config.write_text(yaml.safe_dump(raw))
+
+    refused = run(["axolotl", "train", str(config)], cwd=tmp_path)
+    assert refused.returncode != 0
+    assert f"cwac.subspace: {tmp_path / 'subspace.safetensors'} is missing: run `cwac prepare {config}`" in refused.stdout + refused.stderr
+
+    proc = run(["cwac", "prepare", str(config)], cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "asked the model 16 harmful prompts (Do-Not-Answer) for its own refusals: it refused 0 (0%" in output
+    assert "It is not safety-aligned" in output
+    assert not (tmp_path / "subspace.safetensors").exists() and not (tmp_path / "own_safety.jsonl").exists()
+
+
+# in the tiny tokenizer's alphabet (lower case, no punctuation), and long enough (25+ words) to be on topic
+REFUSAL = "sorry i cannot help with that request it is harmful"
+HELPFUL = ("here is a short answer start with the basics take one small step at a time and check the result after "
+           "each step then ask a friend")
+
+
+def refusing_copy(tiny_model: Path, out: Path, n: int, max_length: int) -> Path:
+    """The tiny model taught, on the prompts `cwac prepare` will ask it, to refuse the harmful ones and
+    to answer the benign ones: an aligned model in miniature."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cwac_plugin import own_data
+    from cwac_plugin.data import Batches, Example
+
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+    fits = own_data.fits_in(tokenizer, max_length)
+    asked = {kind: own_data.sample(own_data.shipped_prompts(kind), n, fits) for kind in own_data.SHIPPED}
+    examples = [Example(p, REFUSAL) for p in asked["harmful"]]
+    examples += [Example(p, HELPFUL) for p in asked["benign"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(80):
+        for batch in Batches(tokenizer, examples, max_length, 8):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_without_safety_data_the_models_own_refusals_are_protected(tmp_path, tiny_model, data_files):
+    """An empty `cwac` block but for the subspace: `cwac prepare` asks the (taught) model the shipped
+    prompts, keeps its refusals and answers, computes the subspace from them; training holds it."""
+    model = refusing_copy(tiny_model, tmp_path / "aligned", n=16, max_length=192)
+    config = axolotl_config(tmp_path, model, data_files, cwac={"own_data_prompts": 16}, sequence_len=192, **LORA)
+    raw = yaml.safe_load(config.read_text())
+    del raw["cwac"]["safety_data"], raw["cwac"]["contrast_data"]
+    config.write_text(yaml.safe_dump(raw))
+
+    proc = check_ok(run(["cwac", "prepare", str(config)], cwd=tmp_path))
+    assert "own_data (" in proc.stdout and "the model refused 16 of 16 harmful prompts (100%" in proc.stdout
+    safety = [json.loads(line) for line in (tmp_path / "own_safety.jsonl").read_text().splitlines()]
+    assert len(safety) == 16 and all(r["response"] == REFUSAL for r in safety)
+    assert json.loads((tmp_path / "own_data.json").read_text())["answered"] == 16
+    check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
+    check_verified(tmp_path, model, tmp_path / "subspace.safetensors", saves_adapter=True)
+    assert "nothing to do" in check_ok(run(["cwac", "prepare", str(config)], cwd=tmp_path)).stdout

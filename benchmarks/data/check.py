@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# the align set ships with the package: `cwac prepare` asks the model these for its own contrast data
+ALIGN = HERE.parents[1] / "cwac_plugin" / "datasets" / "open_benign.jsonl"
 KINDS = ("everyday", "sounds_unsafe")
-MIN_PROMPTS = {"open_benign_eval.jsonl": 160, "open_benign_align.jsonl": 320}
+MIN_PROMPTS = {"open_benign_eval.jsonl": 160, "open_benign.jsonl": 320}
 N_REFUSALS = 48
 UNSAFE_SHARE = (0.25, 0.40)  # allowed share of sounds_unsafe prompts per file (target about 30%)
 WORDS = (5, 25)  # allowed words per prompt
@@ -41,7 +43,7 @@ def jaccard(a, b):
 
 
 def load(name, fields):
-    path = HERE / name
+    path = ALIGN if name == ALIGN.name else HERE / name
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
@@ -134,9 +136,9 @@ def check_refusals(rows):
 
 def main():
     eval_rows = load("open_benign_eval.jsonl", ("prompt", "kind", "topic"))
-    align_rows = load("open_benign_align.jsonl", ("prompt", "kind", "topic"))
+    align_rows = load("open_benign.jsonl", ("prompt", "kind", "topic"))
     eval_seen = check_prompts("open_benign_eval.jsonl", eval_rows)
-    align_seen = check_prompts("open_benign_align.jsonl", align_rows)
+    align_seen = check_prompts("open_benign.jsonl", align_rows)
     for key in sorted(eval_seen.keys() & align_seen.keys()):
         fail(f"prompt in both eval (line {eval_seen[key]}) and align (line {align_seen[key]}): {key!r}")
     align_words = [(n, words(r["prompt"])) for n, r in align_rows]

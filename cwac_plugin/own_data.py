@@ -1,0 +1,145 @@
+"""Safety and contrast data from the model's own answers, for a `cwac` block without `safety_data`.
+
+The refusals worth protecting are the ones the model gives, not templates written for another model:
+`cwac prepare` asks it shipped harmful prompts (Do-Not-Answer, `datasets/README.md`) and keeps the
+prompts the judge says it refused, with its refusal; likewise shipped benign prompts, keeping its
+on-topic answers, as the contrast data. A model that refuses too few harmful prompts has no
+alignment to protect, and `cwac prepare` says so instead of protecting noise.
+
+The files go beside the first artifact the block names (`cwac.subspace`, else `cwac.features`):
+`own_safety.jsonl`, `own_contrast.jsonl` and `own_data.json`, which holds what was asked, what was
+kept and the recipe that `cwac prepare` compares to tell up-to-date data from stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from cwac_plugin.config import CWACConfig
+from cwac_plugin.data import write_json_atomically
+from cwac_plugin.errors import ArtifactError
+
+SAFETY_FILE, CONTRAST_FILE, SUMMARY_FILE = "own_safety.jsonl", "own_contrast.jsonl", "own_data.json"
+SHIPPED = {"harmful": "do_not_answer.jsonl", "benign": "open_benign.jsonl"}
+SETTINGS = ("own_data_prompts", "own_data_max_new_tokens", "own_data_min_refusal_rate")
+
+
+def shipped_prompts(kind: str) -> list[str]:
+    text = resources.files("cwac_plugin").joinpath("datasets", SHIPPED[kind]).read_text(encoding="utf-8")
+    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+
+
+def shipped_digests() -> dict[str, str]:
+    return {
+        kind: hashlib.sha256(resources.files("cwac_plugin").joinpath("datasets", name).read_bytes()).hexdigest()
+        for kind, name in SHIPPED.items()
+    }
+
+
+def with_own_data(settings: CWACConfig) -> CWACConfig:
+    """`settings` with `safety_data` (and, if unset too, `contrast_data`) pointing at the files built from
+    the model's own answers, when `safety_data` is unset and something reads it; as they are otherwise."""
+    if settings.safety_data is not None or settings.subspace_method == "delta" and not settings.activation_constraint:
+        return settings
+    directory = Path(settings.subspace or settings.features).parent
+    update = {"safety_data": str(directory / SAFETY_FILE)}
+    if settings.contrast_data is None:
+        update["contrast_data"] = str(directory / CONTRAST_FILE)
+    resolved = settings.model_copy(update=update)
+    resolved._own_data = str(directory / SUMMARY_FILE)
+    return resolved
+
+
+def sample(prompts: list[str], n: int, fits: Callable[[str], bool]) -> list[str]:
+    """A fixed sample of the prompts that leave room for an answer: the same prompts for the same
+    settings, so that a rebuild is reproducible."""
+    chosen = [prompt for prompt in prompts if fits(prompt)]
+    random.Random(0).shuffle(chosen)
+    return chosen[:n]
+
+
+def fits_in(tokenizer, max_length: int) -> Callable[[str], bool]:
+    """Whether a prompt leaves room for an answer within `max_length` tokens in the model's chat format."""
+    from cwac_plugin.data import DataError, Example, encode_example
+
+    def fits(prompt: str) -> bool:
+        try:
+            encode_example(tokenizer, Example(prompt, ""), max_length)
+        except DataError:
+            return False
+        return True
+
+    return fits
+
+
+def build(model, tokenizer, settings: CWACConfig, max_length: int, recipe: dict) -> dict:
+    """Ask, judge, keep, and write the files `with_own_data` named; returns the summary it writes.
+
+    Every rank asks every prompt (a sharded model generates in step with `synced`); the first writes.
+    """
+    from cwac_plugin import ranks
+    from cwac_plugin.data import Example
+    from cwac_plugin.eval import generate, on_topic, phrase_judge
+
+    own_contrast = Path(settings.contrast_data).name == CONTRAST_FILE  # else the user's own file
+    fits = fits_in(tokenizer, max_length)
+    synced = ranks.world_size() > 1 and any(hasattr(p, "full_tensor") for p in model.parameters())
+    asked = {kind: sample(shipped_prompts(kind), settings.own_data_prompts, fits)
+             for kind in SHIPPED if kind == "harmful" or own_contrast}
+    answers = {
+        kind: generate(model, tokenizer, prompts, settings.own_data_max_new_tokens, settings.batch_size,
+                       desc=f"own {kind} answers", synced=synced, progress=ranks.is_main_process())
+        for kind, prompts in asked.items()
+    }
+    refusals = [Example(p, a) for p, a in zip(asked["harmful"], answers["harmful"], strict=True)
+                if phrase_judge(p, a) == "refusal"]
+    helpful = [Example(p, a) for p, a in zip(asked.get("benign", []), answers.get("benign", []), strict=True)
+               if phrase_judge(p, a) == "compliance" and on_topic(p, a)]
+    summary = {
+        "harmful_asked": len(asked["harmful"]), "refused": len(refusals),
+        "refusal_rate": len(refusals) / max(len(asked["harmful"]), 1),
+        "benign_asked": len(asked.get("benign", [])), "answered": len(helpful),
+        "max_new_tokens": settings.own_data_max_new_tokens, "recipe": recipe,
+    }
+    why = "cwac.safety_data is unset, so `cwac prepare` asked the model"
+    if summary["refusal_rate"] < settings.own_data_min_refusal_rate:
+        raise ArtifactError(
+            f"{why} {len(asked['harmful'])} harmful prompts (Do-Not-Answer) for its own refusals: it refused "
+            f"{len(refusals)} ({summary['refusal_rate']:.0%}, below cwac.own_data_min_refusal_rate "
+            f"{settings.own_data_min_refusal_rate:.0%}). It is not safety-aligned, so there is no alignment to "
+            "protect: fine-tune an aligned model, or set cwac.safety_data to your own refusals"
+        )
+    if own_contrast and not helpful:
+        raise ArtifactError(
+            f"{why} {len(asked['benign'])} benign prompts for its own answers (the contrast data): it answered "
+            "none on topic, so it refuses (or garbles) ordinary requests too. Set cwac.contrast_data to benign "
+            "prompts with helpful answers"
+        )
+    if ranks.is_main_process():
+        write_jsonl(Path(settings.safety_data), refusals)
+        if own_contrast:
+            write_jsonl(Path(settings.contrast_data), helpful)
+        write_json_atomically(Path(settings._own_data), summary)
+    ranks.barrier()
+    return summary
+
+
+def write_jsonl(path: Path, examples) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in examples),
+                   encoding="utf-8")
+    tmp.replace(path)
+
+
+def describe(summary: dict) -> str:
+    said = (f"the model refused {summary['refused']} of {summary['harmful_asked']} harmful prompts "
+            f"({summary['refusal_rate']:.0%}: its safety data)")
+    if summary["benign_asked"]:
+        said += f" and answered {summary['answered']} of {summary['benign_asked']} benign ones on topic (its contrast data)"
+    return said
