@@ -7,6 +7,7 @@ The same model validates the block for the `cwac` CLI and for plain HF Trainer u
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -245,7 +246,28 @@ class CWACConfig(BaseModel):
         return self
 
 
+# where an Axolotl config's artifacts go when the block names none: beside training's output
+DEFAULT_ARTIFACTS = {"subspace": "subspace.safetensors", "sae": "sae", "features": "features.json"}
+
+
 class CWACArgs(BaseModel):
     """What the plugin adds to Axolotl's config: one nested `cwac:` block."""
 
     cwac: CWACConfig | None = Field(default=None, description="CWAC safety constraints.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _artifacts_beside_the_output(cls, data):
+        """An empty `cwac:` block is a whole one: unset artifact paths default to `{output_dir}/cwac/`.
+
+        Axolotl merges this class into its own config model, so the validator sees `output_dir`; the
+        block itself (`CWACConfig`, also what HF Trainer users build) still asks for its paths.
+        """
+        if not isinstance(data, dict) or "cwac" not in data:
+            return data
+        block = dict(data["cwac"] or {})
+        directory = Path(data.get("output_dir") or "./model-out") / "cwac"
+        for key, name in DEFAULT_ARTIFACTS.items():
+            if block.get(key) is None and not (key == "sae" and block.get("sae_release")):
+                block[key] = str(directory / name)
+        return {**data, "cwac": block}

@@ -27,7 +27,7 @@ def settings_from(cfg) -> CWACConfig:
     if block is None:
         raise ValueError(
             "plugins lists cwac_plugin.CWACPlugin but the config has no `cwac:` block; add one "
-            "(at least cwac.subspace), or remove the plugin"
+            "(`cwac: {}` takes every default), or remove the plugin"
         )
     from cwac_plugin.own_data import with_own_data
 

@@ -66,6 +66,20 @@ def test_block_survives_axolotl_validation_and_typos_fail(tmp_path, tiny_model, 
         load_cfg(str(config))
 
 
+@pytest.mark.parametrize("block", [{}, None])
+def test_an_empty_block_puts_the_artifacts_beside_the_output(tmp_path, tiny_model, data_files, block):
+    from axolotl.cli.config import load_cfg
+
+    config = axolotl_config(tmp_path, tiny_model, data_files, cwac={})
+    raw = yaml.safe_load(config.read_text())
+    raw["cwac"] = block
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_cfg(str(config))
+    out = tmp_path / "out" / "cwac"
+    assert cfg.cwac["subspace"] == str(out / "subspace.safetensors") and cfg.cwac["features"] == str(out / "features.json")
+    assert cfg.cwac["sae"] == str(out / "sae") and cfg.cwac["safety_data"] is None
+
+
 def test_plugin_without_block_is_an_error():
     from cwac_plugin.plugin import CWACPlugin
 

@@ -168,20 +168,22 @@ def refusing_copy(tiny_model: Path, out: Path, n: int, max_length: int) -> Path:
     return out
 
 
-def test_without_safety_data_the_models_own_refusals_are_protected(tmp_path, tiny_model, data_files):
-    """An empty `cwac` block but for the subspace: `cwac prepare` asks the (taught) model the shipped
-    prompts, keeps its refusals and answers, computes the subspace from them; training holds it."""
+def test_an_empty_block_protects_the_models_own_refusals(tmp_path, tiny_model, data_files):
+    """A `cwac` block with nothing but the sample size: `cwac prepare` asks the (taught) model the shipped
+    prompts, keeps its refusals and answers, and computes the subspace from them, all under
+    `{output_dir}/cwac/`; training holds it."""
     model = refusing_copy(tiny_model, tmp_path / "aligned", n=16, max_length=192)
-    config = axolotl_config(tmp_path, model, data_files, cwac={"own_data_prompts": 16}, sequence_len=192, **LORA)
+    config = axolotl_config(tmp_path, model, data_files, cwac={}, sequence_len=192, **LORA)
     raw = yaml.safe_load(config.read_text())
-    del raw["cwac"]["safety_data"], raw["cwac"]["contrast_data"]
+    raw["cwac"] = {"own_data_prompts": 16}
     config.write_text(yaml.safe_dump(raw))
 
     proc = check_ok(run(["cwac", "prepare", str(config)], cwd=tmp_path))
     assert "own_data (" in proc.stdout and "the model refused 16 of 16 harmful prompts (100%" in proc.stdout
-    safety = [json.loads(line) for line in (tmp_path / "own_safety.jsonl").read_text().splitlines()]
+    artifacts = tmp_path / "out" / "cwac"
+    safety = [json.loads(line) for line in (artifacts / "own_safety.jsonl").read_text().splitlines()]
     assert len(safety) == 16 and all(r["response"] == REFUSAL for r in safety)
-    assert json.loads((tmp_path / "own_data.json").read_text())["answered"] == 16
+    assert json.loads((artifacts / "own_data.json").read_text())["answered"] == 16
     check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
-    check_verified(tmp_path, model, tmp_path / "subspace.safetensors", saves_adapter=True)
+    check_verified(tmp_path, model, artifacts / "subspace.safetensors", saves_adapter=True)
     assert "nothing to do" in check_ok(run(["cwac", "prepare", str(config)], cwd=tmp_path)).stdout
