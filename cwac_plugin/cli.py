@@ -136,12 +136,17 @@ def _feature_examples(config: Path, settings):
 
 
 def _make_subspace(settings, data, model, tokenizer, max_length: int, target: Path, recipe: dict) -> None:
-    from cwac_plugin.prepare import RECIPE_KEY
-    from cwac_plugin.subspace import compute_subspace, describe
+    from cwac_plugin.subspace import compute_subspace
 
     result = compute_subspace(model, tokenizer, settings, max_length, data)
-    if result is None:  # a rank other than the first: its share is in rank 0's result
-        return
+    if result is not None:  # None on a rank other than the first: its share is in rank 0's result
+        _write_subspace(result, target, recipe)
+
+
+def _write_subspace(result, target: Path, recipe: dict) -> None:
+    from cwac_plugin.prepare import RECIPE_KEY
+    from cwac_plugin.subspace import describe
+
     result.metadata[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
     path = result.save(target)
     click.echo(f"wrote {path}: {describe(result)}")
@@ -254,7 +259,7 @@ def prepare(config: Path):
     from cwac_plugin.plugin import settings_from
     from cwac_plugin.prepare import staleness
     from cwac_plugin.sae import load_sae, sae_training_activations
-    from cwac_plugin.subspace import SubspaceData
+    from cwac_plugin.subspace import SubspaceData, measure_subspace
 
     cfg = load_axolotl_config(config)
     settings = settings_from(cfg)
@@ -284,13 +289,15 @@ def prepare(config: Path):
     else:
         check_lengths(tokenizer, examples, max_length)
     if "subspace" in stale:
-        _make_subspace(settings, data, model, tokenizer, max_length, Path(settings.subspace), recipes["subspace"])
+        solve_subspace = measure_subspace(model, tokenizer, settings, max_length, data)
     if "sae" in stale:
         activations = sae_training_activations(model, tokenizer, settings, sae_examples, max_length)
     if "features" in stale:
         hook_point, states = _feature_states(settings, harmful, benign, model, tokenizer, max_length, existing_sae)
     if not ranks.is_main_process():
         return
+    if "subspace" in stale:
+        _write_subspace(solve_subspace(), Path(settings.subspace), recipes["subspace"])
     if "sae" in stale:
         _fit_sae(settings, activations, model, Path(settings.sae), recipes["sae"])
     if "features" in stale:

@@ -24,7 +24,9 @@ class CWACConfig(BaseModel):
     """Settings of the weight constraint (safety subspace)."""
 
     model_config = ConfigDict(extra="forbid")
-    _own_data: str | None = PrivateAttr(default=None)  # own_data.json, when own_data.with_own_data resolved the data
+    # set by own_data.with_own_data: its summary file, and whether the contrast data are the model's too
+    _own_data: str | None = PrivateAttr(default=None)
+    _own_contrast: bool = PrivateAttr(default=False)
 
     @property
     def own_data(self) -> str | None:
@@ -263,8 +265,8 @@ class CWACArgs(BaseModel):
         Axolotl merges this class into its own config model, so the validator sees `output_dir`; the
         block itself (`CWACConfig`, also what HF Trainer users build) still asks for its paths.
         """
-        if not isinstance(data, dict) or "cwac" not in data:
-            return data
+        if not isinstance(data, dict) or not isinstance(data.get("cwac", {}), dict | None) or "cwac" not in data:
+            return data  # no block, or not a mapping: the field's own validation names it
         block = dict(data["cwac"] or {})
         directory = Path(data.get("output_dir") or "./model-out") / "cwac"
         for key, name in DEFAULT_ARTIFACTS.items():

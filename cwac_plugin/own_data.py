@@ -26,7 +26,7 @@ from cwac_plugin.errors import ArtifactError
 
 SAFETY_FILE, CONTRAST_FILE, SUMMARY_FILE = "own_safety.jsonl", "own_contrast.jsonl", "own_data.json"
 SHIPPED = {"harmful": "do_not_answer.jsonl", "benign": "open_benign.jsonl"}
-SETTINGS = ("own_data_prompts", "own_data_max_new_tokens", "own_data_min_refusal_rate")
+SETTINGS = ("own_data_prompts", "own_data_max_new_tokens")  # what changes the data (not the refusal threshold)
 
 
 def shipped_prompts(kind: str) -> list[str]:
@@ -52,7 +52,18 @@ def with_own_data(settings: CWACConfig) -> CWACConfig:
         update["contrast_data"] = str(directory / CONTRAST_FILE)
     resolved = settings.model_copy(update=update)
     resolved._own_data = str(directory / SUMMARY_FILE)
+    resolved._own_contrast = "contrast_data" in update
     return resolved
+
+
+def builds_contrast(settings: CWACConfig) -> bool:
+    return settings._own_contrast
+
+
+def files_present(settings: CWACConfig) -> bool:
+    """Whether every file the own data consist of is there (a deleted one makes them missing)."""
+    paths = [settings.own_data, settings.safety_data] + ([settings.contrast_data] if settings._own_contrast else [])
+    return all(Path(path).is_file() for path in paths)
 
 
 def sample(prompts: list[str], n: int, fits: Callable[[str], bool]) -> list[str]:
@@ -86,7 +97,7 @@ def build(model, tokenizer, settings: CWACConfig, max_length: int, recipe: dict)
     from cwac_plugin.data import Example
     from cwac_plugin.eval import generate, on_topic, phrase_judge
 
-    own_contrast = Path(settings.contrast_data).name == CONTRAST_FILE  # else the user's own file
+    own_contrast = settings._own_contrast  # else the user's own contrast file, left alone
     fits = fits_in(tokenizer, max_length)
     synced = ranks.world_size() > 1 and any(hasattr(p, "full_tensor") for p in model.parameters())
     asked = {kind: sample(shipped_prompts(kind), settings.own_data_prompts, fits)

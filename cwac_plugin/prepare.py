@@ -66,6 +66,7 @@ def wanted_recipe(cfg, settings: CWACConfig, artifact: str, sae_recipe: dict | N
     if artifact == "own_data":  # made from the shipped prompts that fit, not from the files it makes
         recipe["data"] = own_data.shipped_digests()
         recipe["settings"]["max_length"] = settings.max_length or cfg.get("sequence_len")
+        recipe["settings"]["own_contrast"] = own_data.builds_contrast(settings)
     if artifact == "features":
         recipe["sae"] = {"release": settings.sae_release, "id": settings.sae_id} if settings.sae_release else sae_recipe
     return json.loads(json.dumps(recipe))  # as it reads back from a file: tuples as lists
@@ -82,7 +83,7 @@ def recorded_recipe(settings: CWACConfig, artifact: str) -> dict | None:
     if artifact == "sae" and (path / "cfg.json").is_file() and not (path / "cwac_report.json").is_file():
         return {"external": str(path)}
     file = path / "cwac_report.json" if artifact == "sae" else path
-    if not file.is_file():
+    if not file.is_file() or artifact == "own_data" and not own_data.files_present(settings):
         raise FileNotFoundError(path)
     try:
         if artifact == "subspace":
@@ -121,8 +122,9 @@ def staleness(cfg, settings: CWACConfig, at_training: bool = False) -> tuple[dic
         return artifact in stale and not (at_training and stale[artifact] == NO_RECIPE)
 
     for artifact in needed(settings):
-        if artifact == "own_data" and at_training and not (settings.activation_constraint and settings.act_anchor == "safety"):
-            continue  # training reads the data only as safety anchors; the artifacts made from them are checked
+        anchors = settings.activation_constraint and settings.act_anchor == "safety"
+        if artifact == "own_data" and at_training and not anchors and not Path(settings.own_data).is_file():
+            continue  # read by training only as anchors: the artifacts made from them, if made elsewhere, are checked
         recipes[artifact] = wanted_recipe(cfg, settings, artifact, sae_recipe)
         try:
             recorded = recorded_recipe(settings, artifact)

@@ -221,10 +221,12 @@ def prompt_hidden_states(model: nn.Module, tap: ResidualTap, batches: Batches, d
 def prompt_feature_means(sae, prompts: list[Tensor]) -> Tensor:
     """Per prompt, the mean SAE activation over the prompt's tokens: (n_prompts, d_sae)."""
     lengths = torch.tensor([len(prompt) for prompt in prompts])
-    owner = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
+    owners = torch.repeat_interleave(torch.arange(len(prompts)), lengths).split(4096)
     parameter = sae.W_enc
-    z = torch.cat([sae.encode(chunk.to(parameter.device, parameter.dtype)).float().cpu() for chunk in torch.cat(prompts).split(4096)])
-    return torch.zeros(len(prompts), z.shape[1]).index_add_(0, owner, z) / lengths.clamp(min=1).unsqueeze(1)
+    sums = torch.zeros(len(prompts), sae.cfg.d_sae)
+    for chunk, owner in zip(torch.cat(prompts).split(4096), owners, strict=True):  # one chunk's z at a time
+        sums.index_add_(0, owner, sae.encode(chunk.to(parameter.device, parameter.dtype)).float().cpu())
+    return sums / lengths.clamp(min=1).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------

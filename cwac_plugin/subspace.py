@@ -187,8 +187,16 @@ def top_eigenvectors(moment: Tensor, rank: int | None, energy: float | None) -> 
 def top_directions(moment: Tensor, rank: int | None, energy: float | None) -> Tensor:
     """The top eigenvectors of a d x d moment, or of the matrix a d x c sketch stands for."""
     if moment.shape[0] == moment.shape[1]:
-        return top_eigenvectors(moment, rank, energy)
-    return _sketch_top(moment, rank)
+        return canonical_signs(top_eigenvectors(moment, rank, energy))
+    return canonical_signs(_sketch_top(moment, rank))
+
+
+def canonical_signs(basis: Tensor) -> Tensor:
+    """Each column with its largest-magnitude entry positive. An eigenvector's sign is arbitrary and
+    solvers settle it by rounding, which varies with memory layout: without this, the same data
+    gave files that differed in the signs of a few columns."""
+    largest = basis.gather(0, basis.abs().argmax(0, keepdim=True))
+    return basis * torch.where(largest < 0, -1.0, 1.0)
 
 
 def _sketch_top(sketch: Tensor, rank: int) -> Tensor:
@@ -465,9 +473,9 @@ def delta_bases(
         left, singular, right_t = torch.linalg.svd(delta, full_matrices=False)
         spectrum = singular.square()
         k = choose_rank(spectrum, rank, energy)
-        inputs[name] = right_t[:k].T.float().contiguous()
+        inputs[name] = canonical_signs(right_t[:k].T.float().contiguous())
         if output_rank:
-            outputs[name] = left[:, : choose_rank(spectrum, output_rank, None)].float().contiguous()
+            outputs[name] = canonical_signs(left[:, : choose_rank(spectrum, output_rank, None)].float().contiguous())
     return inputs, outputs
 
 
@@ -593,6 +601,16 @@ def compute_subspace(
     In a torchrun job every rank measures its share of the data and the first rank alone solves
     for the bases: the others return None.
     """
+    solve = measure_subspace(model, tokenizer, cfg, max_length, data)
+    return None if solve is None else solve()
+
+
+def measure_subspace(
+    model: nn.Module, tokenizer, cfg: CWACConfig, max_length: int, data: SubspaceData | None = None
+) -> Callable[[], Subspace] | None:
+    """Every forward and collective of the subspace; returns the solve, which involves no other rank
+    (None on the ranks but the first), so that a job with more forwards to run (`cwac prepare`) runs
+    them first and no rank waits in a collective while the first one solves."""
     modules = find_target_modules(model, cfg.target_modules, cfg.layers)
     if not modules:
         linear_names = [n for n, m in base_model_of(model).named_modules() if isinstance(m, nn.Linear)][:4]
@@ -616,7 +634,7 @@ def compute_subspace(
         base_modules = resolve_modules(base, modules, source=f"cwac.delta_base_model {cfg.delta_base_model}")
         inputs, outputs = delta_bases(modules, base_modules, cfg.rank, cfg.energy, cfg.output_rank)
         metadata["delta_base_model"] = cfg.delta_base_model
-        return Subspace(inputs, outputs, metadata)
+        return lambda: Subspace(inputs, outputs, metadata)
 
     data = data or SubspaceData.load(cfg)
     device = next(model.parameters()).device
@@ -654,5 +672,9 @@ def compute_subspace(
         moments_out = output_moments(modules, moments_in)
     if not ranks.is_main_process():
         return None
-    inputs, outputs = bases_from_moments(moments_in, moments_out, cfg.rank, cfg.energy, cfg.output_rank)
-    return Subspace(inputs, outputs, metadata)
+
+    def solve() -> Subspace:
+        inputs, outputs = bases_from_moments(moments_in, moments_out, cfg.rank, cfg.energy, cfg.output_rank)
+        return Subspace(inputs, outputs, metadata)
+
+    return solve

@@ -112,3 +112,41 @@ def test_new_data_make_what_was_computed_from_the_old_stale(tmp_path, answering)
     assert "own_data" not in stale and stale["subspace"] == "missing"
     _, stale = staleness(cfg, settings.model_copy(update={"own_data_prompts": 30}))
     assert stale["own_data"] == "settings.own_data_prompts: 20 -> 30"
+
+
+def test_a_deleted_data_file_makes_the_own_data_missing(tmp_path, answering):
+    answering(lambda prompt: True)
+    settings = settings_in(tmp_path, own_data_prompts=20)
+    cfg = {"base_model": "m"}
+    own_data.build(None, Tokenizer(), settings, 512, wanted_recipe(cfg, settings, "own_data"))
+    Path(settings.contrast_data).unlink()
+    assert staleness(cfg, settings)[1]["own_data"] == "missing"
+
+
+def test_training_refuses_own_data_made_with_other_settings(tmp_path, answering):
+    """Weight constraint only: training reads no data, but a subspace made from stale own data is stale."""
+    answering(lambda prompt: True)
+    settings = settings_in(tmp_path, own_data_prompts=20)
+    cfg = {"base_model": "m"}
+    own_data.build(None, Tokenizer(), settings, 512, wanted_recipe(cfg, settings, "own_data"))
+    _, stale = staleness(cfg, settings.model_copy(update={"own_data_prompts": 30}), at_training=True)
+    assert stale["own_data"] == "settings.own_data_prompts: 20 -> 30"
+
+
+def test_a_given_contrast_file_is_never_written(tmp_path, answering):
+    answering(lambda prompt: True)
+    mine = tmp_path / "cwac" / own_data.CONTRAST_FILE  # the same name as the one built, but given
+    mine.parent.mkdir()
+    mine.write_text('{"prompt": "hi", "response": "hello"}\n')
+    settings = settings_in(tmp_path, contrast_data=str(mine), own_data_prompts=20)
+    summary = own_data.build(None, Tokenizer(), settings, 512, {})
+    assert summary["benign_asked"] == 0 and mine.read_text() == '{"prompt": "hi", "response": "hello"}\n'
+
+
+def test_a_block_that_is_not_a_mapping_is_named():
+    from pydantic import ValidationError
+
+    from cwac_plugin.config import CWACArgs
+
+    with pytest.raises(ValidationError, match="cwac"):
+        CWACArgs.model_validate({"cwac": True, "output_dir": "out"})

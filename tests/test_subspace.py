@@ -348,3 +348,14 @@ def test_same_data_and_model_give_identical_subspace_files(tmp_path, tiny_pretra
     # (the file bytes differ: safetensors writes metadata keys in hash order)
     assert first.metadata == second.metadata
     assert all(torch.equal(first.input_bases[n], second.input_bases[n]) for n in first.module_names)
+
+
+def test_canonical_signs_make_a_basis_independent_of_the_solvers_sign_choice():
+    from cwac_plugin.subspace import canonical_signs
+
+    basis = torch.linalg.qr(torch.randn(12, 4, generator=torch.Generator().manual_seed(0)))[0]
+    flipped = basis * torch.tensor([1.0, -1.0, -1.0, 1.0])
+    assert torch.equal(canonical_signs(basis), canonical_signs(flipped))
+    canonical = canonical_signs(basis)
+    assert torch.allclose(canonical @ canonical.T, basis @ basis.T, atol=1e-6)  # the same span
+    assert (canonical.gather(0, canonical.abs().argmax(0, keepdim=True)) > 0).all()
