@@ -96,10 +96,11 @@ def build(model, tokenizer, settings: CWACConfig, max_length: int, recipe: dict)
     from cwac_plugin import ranks
     from cwac_plugin.data import Example
     from cwac_plugin.eval import generate, on_topic, phrase_judge
+    from cwac_plugin.parallel import sharded_parameters
 
     own_contrast = settings._own_contrast  # else the user's own contrast file, left alone
     fits = fits_in(tokenizer, max_length)
-    synced = ranks.world_size() > 1 and any(hasattr(p, "full_tensor") for p in model.parameters())
+    synced = ranks.world_size() > 1 and sharded_parameters(model)
     asked = {kind: sample(shipped_prompts(kind), settings.own_data_prompts, fits)
              for kind in SHIPPED if kind == "harmful" or own_contrast}
     answers = {
