@@ -99,8 +99,10 @@ def _load_model(cfg, max_length: int, examples: list):
     if cfg.fsdp_version is not None:  # kept by load_axolotl_config only to shard like training
         model = ranks.shard_like_training(model)
     if ranks.world_size() > 1:
+        from cwac_plugin.parallel import is_row_sharded
+
         parameters = list(model.parameters())
-        sharded = sum(hasattr(parameter, "full_tensor") for parameter in parameters)
+        sharded = sum(is_row_sharded(parameter) for parameter in parameters)
         layout = f"{sharded} of {len(parameters)} parameters sharded with FSDP2 as in training" if sharded else "the whole model on every rank"
         _say(f"precompute on {ranks.world_size()} ranks, {layout}; rank r takes batches r, r + {ranks.world_size()}, ...")
     return model, tokenizer

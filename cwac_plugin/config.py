@@ -33,6 +33,11 @@ class CWACConfig(BaseModel):
         """The summary file of the data built from the model's own answers, or None (data given)."""
         return self._own_data
 
+    @property
+    def own_contrast(self) -> bool:
+        """Whether the contrast data are built from the model's answers too (else given, or none)."""
+        return self._own_contrast
+
     safety_data: str | None = Field(
         default=None,
         description="jsonl of harmful prompts with refusals: one object per line with `prompt` and "

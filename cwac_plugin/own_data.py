@@ -56,13 +56,9 @@ def with_own_data(settings: CWACConfig) -> CWACConfig:
     return resolved
 
 
-def builds_contrast(settings: CWACConfig) -> bool:
-    return settings._own_contrast
-
-
 def files_present(settings: CWACConfig) -> bool:
     """Whether every file the own data consist of is there (a deleted one makes them missing)."""
-    paths = [settings.own_data, settings.safety_data] + ([settings.contrast_data] if settings._own_contrast else [])
+    paths = [settings.own_data, settings.safety_data] + ([settings.contrast_data] if settings.own_contrast else [])
     return all(Path(path).is_file() for path in paths)
 
 
@@ -98,7 +94,7 @@ def build(model, tokenizer, settings: CWACConfig, max_length: int, recipe: dict)
     from cwac_plugin.eval import generate, on_topic, phrase_judge
     from cwac_plugin.parallel import sharded_parameters
 
-    own_contrast = settings._own_contrast  # else the user's own contrast file, left alone
+    own_contrast = settings.own_contrast  # else the user's own contrast file, left alone
     fits = fits_in(tokenizer, max_length)
     synced = ranks.world_size() > 1 and sharded_parameters(model)
     asked = {kind: sample(shipped_prompts(kind), settings.own_data_prompts, fits)

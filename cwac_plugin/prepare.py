@@ -66,7 +66,7 @@ def wanted_recipe(cfg, settings: CWACConfig, artifact: str, sae_recipe: dict | N
     if artifact == "own_data":  # made from the shipped prompts that fit, not from the files it makes
         recipe["data"] = own_data.shipped_digests()
         recipe["settings"]["max_length"] = settings.max_length or cfg.get("sequence_len")
-        recipe["settings"]["own_contrast"] = own_data.builds_contrast(settings)
+        recipe["settings"]["own_contrast"] = settings.own_contrast
     if artifact == "features":
         recipe["sae"] = {"release": settings.sae_release, "id": settings.sae_id} if settings.sae_release else sae_recipe
     return json.loads(json.dumps(recipe))  # as it reads back from a file: tuples as lists

@@ -61,7 +61,6 @@ def my_share(batches: Batches) -> Iterator[tuple[int, dict[str, Tensor], float]]
     """(index, batch, weight) of this rank's batches: weight 1, then weight-0 repeats up to the
     longest share, so that every rank runs as many forwards as the others."""
     here, world = rank(), world_size()
-    steps = -(-len(batches) // world)
     done, first, last = 0, None, None
     for index, batch in enumerate(batches):
         first = batch if first is None else first
@@ -69,7 +68,7 @@ def my_share(batches: Batches) -> Iterator[tuple[int, dict[str, Tensor], float]]
             last = batch
             done += 1
             yield index, batch, 1.0
-    for _ in range(steps - done):
+    for _ in range(share_length(batches) - done):
         yield -1, last if last is not None else first, 0.0
 
 
@@ -105,13 +104,13 @@ def sum_over_ranks(sums: dict[str, Tensor], *counts: int) -> tuple[int, ...]:
 def gather_in_order(rows: list[tuple[int, object]]) -> list | None:
     """Every rank's (index, item) pairs, as the items in index order on the first rank (None on
     the others); weight-0 repeats must be left out of `rows`. Tensors travel on the CPU."""
-    if world_size() == 1:
-        return [item for _, item in sorted(rows, key=lambda row: row[0])]
-    gathered = [None] * world_size() if is_main_process() else None
-    dist.gather_object(rows, gathered, dst=0)
-    if not is_main_process():
-        return None
-    return [item for _, item in sorted((row for part in gathered for row in part), key=lambda row: row[0])]
+    if world_size() > 1:
+        gathered = [None] * world_size() if is_main_process() else None
+        dist.gather_object(rows, gathered, dst=0)
+        if not is_main_process():
+            return None
+        rows = [row for part in gathered for row in part]
+    return [item for _, item in sorted(rows, key=lambda row: row[0])]
 
 
 def shard_like_training(model: torch.nn.Module) -> torch.nn.Module:
