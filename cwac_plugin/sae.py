@@ -507,6 +507,19 @@ def feature_drift_loss(z: Tensor, z_ref: Tensor, mask: Tensor, scale: Tensor | N
     return loss, mean_abs
 
 
+def anchor_spread(signals: list[Tensor], masks: list[Tensor], floor_fraction: float = 0.1) -> Tensor:
+    """Each feature's standard deviation over the counted anchor tokens, floored at `floor_fraction` of
+    the median: a scale in the signal's own units, which the harmful prompts' mean activation is not
+    for pre-activations, and which no near-constant feature can shrink towards zero (the penalty's
+    heavy tail came from the smallest scales, benchmarks/README.md).
+
+    signals: (..., m) per anchor batch; masks: the tokens that count, shaped like signals[..., 0].
+    """
+    counted = torch.cat([signal[mask] for signal, mask in zip(signals, masks)])
+    spread = counted.float().std(0, correction=0)
+    return spread.clamp(min=float(spread.median()) * floor_fraction + 1e-6)
+
+
 class ActivationConstraint:
     """lambda * L_act on the training model, with references from the aligned model.
 
@@ -536,7 +549,8 @@ class ActivationConstraint:
         self.signal = cfg.act_signal
         self.tap = ResidualTap(model, features.hook_point)
         self.indices = torch.tensor(features.indices)
-        self.scale = torch.tensor(features.reference_scale) if cfg.act_normalize else None
+        self.scale_from_anchors = cfg.act_normalize and cfg.act_scale == "spread"
+        self.scale = torch.tensor(features.reference_scale) if cfg.act_normalize and not self.scale_from_anchors else None
         self.sae = sae
         self.selected_encoder: tuple[Tensor, Tensor] | None = None
         if self.signal == "preactivation":
@@ -554,7 +568,7 @@ class ActivationConstraint:
         # its checkpoint later. ZeRO-3 parameters are empty shards until DeepSpeed's engine gathers
         # them, so there the references wait for the first step (see `check_resume`).
         if self.anchor == "safety" and not sharded_parameters(model):
-            self._references = self._reference_activations(model)
+            self._take_references(model)
 
     @property
     def has_adapter(self) -> bool:
@@ -593,13 +607,26 @@ class ActivationConstraint:
         return self.sae.encode(hidden)[..., self.indices]
 
     @torch.no_grad()
-    def _reference_activations(self, model: nn.Module) -> list[tuple[dict[str, Tensor], Tensor]]:
-        """Anchor batches and their selected-feature activations under the aligned weights."""
+    def _take_references(self, model: nn.Module) -> None:
+        """Anchor batches and their selected-feature activations under the aligned weights (and, with
+        act_scale 'spread', the scale measured on them)."""
         references = []
         with self._aligned(model):
             for batch in self.anchors:
                 references.append((batch, self._encode(run_and_capture(model, self.tap, batch))))
-        return references
+        self._references = references
+        if self.scale_from_anchors:
+            self.scale = anchor_spread(
+                [z_ref for _, z_ref in references], [self._counted(batch["attention_mask"].bool()) for batch, _ in references]
+            )
+
+    def _counted(self, mask: Tensor, positions: Tensor | None = None) -> Tensor:
+        """The tokens the penalty counts: `mask` less the first act_skip_first positions of each sequence."""
+        if not self.skip_first:
+            return mask
+        if positions is None:
+            positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+        return mask & (positions.to(mask.device) >= self.skip_first)
 
     @contextmanager
     def _aligned(self, model: nn.Module):
@@ -624,12 +651,11 @@ class ActivationConstraint:
         """(lambda * L_act, mean relative drift) for one micro-batch."""
         if self.anchor == "safety":
             if self._references is None:
-                self._references = self._reference_activations(model)
+                self._take_references(model)
             batch, z_ref = self._references[self._next_anchor % len(self._references)]
             self._next_anchor += 1
             z = self._encode(run_and_capture(model, self.tap, batch))
-            mask = batch["attention_mask"].bool()
-            positions = None
+            mask = self._counted(batch["attention_mask"].bool())
         else:
             if not training_hidden:
                 raise SAEConfigError(f"cwac.hook_point {self.tap.hook_point}: the hook did not fire in the training forward")
@@ -637,11 +663,8 @@ class ActivationConstraint:
             with torch.no_grad(), self._aligned(model):
                 z_ref = self._encode(run_and_capture(model, self.tap, inputs))
             mask = inputs.get("attention_mask", torch.ones(z.shape[:-1], device=z.device)).bool()
-            positions = inputs.get("position_ids")  # restart at each packed sequence (sample_packing)
-        if self.skip_first:
-            if positions is None:
-                positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-            mask = mask & (positions.to(mask.device) >= self.skip_first)
+            # position_ids restart at each packed sequence (sample_packing)
+            mask = self._counted(mask, inputs.get("position_ids"))
         loss, drift = feature_drift_loss(z, z_ref, mask, self.scale)
         return self.lam * loss, drift
 

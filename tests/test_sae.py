@@ -10,6 +10,7 @@ from cwac_plugin.sae import (
     FeatureSet,
     ResidualTap,
     SAEConfigError,
+    anchor_spread,
     feature_drift_loss,
     parse_hook_point,
     run_and_capture,
@@ -65,6 +66,39 @@ def test_drift_loss_counts_masked_tokens_only():
     loss, drift = feature_drift_loss(z, z_ref, mask, scale=torch.tensor([1.0, 2.0]))
     assert loss.item() == pytest.approx(1.0 + 0.25)
     assert drift.item() == pytest.approx(0.75)
+
+
+def test_anchor_spread_is_each_features_deviation_over_counted_tokens_with_a_floor():
+    wide = torch.tensor([[[0.0, 5.0, 1.0], [2.0, 5.0, 3.0], [100.0, -100.0, 100.0]]])  # last token masked out
+    mask = torch.tensor([[True, True, False]])
+    second = torch.tensor([[[4.0, 5.0, 1.0]]])
+    spread = anchor_spread([wide, second], [mask, torch.tensor([[True]])])
+    # feature 0 over 0, 2, 4: std 1.633; feature 1 is constant (5, 5, 5): floored at a tenth of the median
+    expected = torch.tensor([0.0, 2.0, 4.0]).std(correction=0)
+    median = torch.tensor([1.0, 3.0, 1.0]).std(correction=0)
+    assert spread[0].item() == pytest.approx(expected.item())
+    assert spread[1].item() == pytest.approx(0.1 * median.item(), rel=1e-4)
+    assert spread[2].item() == pytest.approx(median.item())
+
+
+def test_spread_scale_is_measured_on_the_anchors_in_the_signals_units():
+    """With act_scale spread the drift of each pre-activation is divided by its own spread, not by the
+    mean activation the features file holds (0.5 here)."""
+    losses = {}
+    for scale in ("mean", "spread"):
+        model, constraint = lora_model_with_activation_constraint(act_signal="preactivation", act_scale=scale)
+        if scale == "spread":
+            (batch, z_ref), = constraint._references
+            assert torch.allclose(constraint.scale, anchor_spread([z_ref], [batch["attention_mask"].bool()]))
+            assert not torch.allclose(constraint.scale, torch.full_like(constraint.scale, 0.5))
+        perturb_lora_b(model, 0.1)
+        losses[scale] = constraint.loss(model, {}, [])[0].item()
+    assert losses["spread"] > 0 and losses["spread"] != pytest.approx(losses["mean"])
+
+
+def test_spread_scale_needs_the_safety_anchors():
+    with pytest.raises(ValueError, match="cwac.act_scale 'spread'.*act_anchor: safety"):
+        CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json", act_anchor="batch", act_scale="spread")
 
 
 def test_hook_point_names_are_checked():

