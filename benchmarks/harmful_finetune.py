@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="models and artifacts (default: OUT/work); alignment recipes (--align-only) can share one")
     parser.add_argument("--align-only", action="store_true", help="stop after aligning and evaluating the aligned model")
     parser.add_argument(
-        "--tag", default="", help="names a variant: its run keys, and its own artifacts when --cwac changes them"
+        "--tag", default="", help="names a variant: its run keys (its artifacts are named by the --cwac overrides that change them)"
     )
     args = parser.parse_args()
     out: Path = args.out
@@ -212,21 +212,23 @@ def main() -> None:
         return
 
     # 3. CWAC artifacts on the aligned model ------------------------------------------------------
-    # a variant keeps the default artifacts its overrides do not touch (the attack, the penalty's form), so
-    # that only what changed is recomputed; the features are selected from the SAE, so they follow its tag
-    def artifact_tag(*artifacts: str) -> str:
-        return args.tag if {key for artifact in artifacts for key in ARTIFACT_SETTINGS[artifact]} & set(args.cwac) else ""
+    # an artifact is named by the overrides that change it, so that variants share what they do not change (the
+    # attack, the penalty's form) and two variants with the same SAE settings share one SAE; the features are
+    # selected from the SAE, so they follow its settings
+    def artifact_key(*artifacts: str) -> str:
+        touched = sorted({key for artifact in artifacts for key in ARTIFACT_SETTINGS[artifact]} & set(args.cwac))
+        return ",".join(f"{key}={args.cwac[key]}" for key in touched)
 
-    def artifacts(tag: str) -> Path:
-        return work / tagged(f"{aligned_dir.name}_artifacts", tag, "_")  # of this aligned model
+    def artifacts(key: str) -> Path:
+        return work / tagged(f"{aligned_dir.name}_artifacts", key, "_")  # of this aligned model
 
-    sae_tag = artifact_tag("sae", "features")
+    sae_key = artifact_key("sae", "features")
     cwac = CWACConfig(**{
-        "subspace": str(artifacts(artifact_tag("subspace")) / "subspace.safetensors"), "sae": str(artifacts(sae_tag) / "sae"),
-        "features": str(artifacts(sae_tag) / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
+        "subspace": str(artifacts(artifact_key("subspace")) / "subspace.safetensors"), "sae": str(artifacts(sae_key) / "sae"),
+        "features": str(artifacts(sae_key) / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
         "sae_width": 2304, "sae_training_tokens": 100_000, **args.cwac,
     })
-    artifact_seconds = results.setdefault(tagged("artifact_seconds", sae_tag or artifact_tag("subspace")), {})
+    artifact_seconds = results.setdefault(tagged("artifact_seconds", sae_key or artifact_key("subspace")), {})
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
     if Path(cwac.subspace).exists():  # skipped on a rerun, so it must be from these settings
         check_settings_match(Subspace.load(cwac.subspace), cwac)
@@ -241,7 +243,7 @@ def main() -> None:
         start = time.perf_counter()
         report = train_sae(model, tokenizer, cwac, safety + benign_align, 192, cwac.sae, seed=args.seed)
         artifact_seconds["train_sae"] = round(time.perf_counter() - start, 1)
-        results[tagged("sae", sae_tag)] = report
+        results[tagged("sae", sae_key)] = report
         start = time.perf_counter()
         feature_set, _, _ = select_features(model, tokenizer, load_sae(cwac), cwac, safety, benign_align, 192)
         feature_set.save(cwac.features)

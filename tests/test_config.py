@@ -203,6 +203,7 @@ def test_each_example_validates_with_the_plugin_and_is_not_refused(example):
     refuse_unsupported(validated)
     assert settings.weight_constraint and settings.activation_constraint
     assert (settings.subspace_method, settings.rank, settings.output_rank) == ("gradient", 16, 16)
+    assert (settings.act_signal, settings.act_scale, settings.act_lambda) == ("preactivation", "spread", 300)
     assert settings.hook_point and settings.sae and settings.features
     artifacts = {settings.subspace, settings.sae, settings.features}
     assert len(artifacts) == 3 and all(str(path).startswith(("runs/", f"{validated.output_dir}/")) for path in artifacts)
