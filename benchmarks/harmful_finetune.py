@@ -228,7 +228,8 @@ def main() -> None:
         "features": str(artifacts(sae_key) / "features.json"), "hook_point": HOOK_POINT, "activation_constraint": True,
         "sae_width": 2304, "sae_training_tokens": 100_000, **args.cwac,
     })
-    artifact_seconds = results.setdefault(tagged("artifact_seconds", sae_key or artifact_key("subspace")), {})
+    def record_seconds(key: str, artifact: str, start: float) -> None:
+        results.setdefault(tagged("artifact_seconds", key), {})[artifact] = round(time.perf_counter() - start, 1)
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
     if Path(cwac.subspace).exists():  # skipped on a rerun, so it must be from these settings
         check_settings_match(Subspace.load(cwac.subspace), cwac)
@@ -236,18 +237,18 @@ def main() -> None:
         start = time.perf_counter()
         subspace = compute_subspace(model, tokenizer, cwac, 192, SubspaceData(safety, benign_align))
         subspace.save(cwac.subspace)
-        artifact_seconds["subspace"] = round(time.perf_counter() - start, 1)
+        record_seconds(artifact_key("subspace"), "subspace", start)
     if not Path(cwac.features).exists():
         from cwac_plugin.sae import load_sae, select_features, train_sae
 
         start = time.perf_counter()
         report = train_sae(model, tokenizer, cwac, safety + benign_align, 192, cwac.sae, seed=args.seed)
-        artifact_seconds["train_sae"] = round(time.perf_counter() - start, 1)
+        record_seconds(sae_key, "train_sae", start)
         results[tagged("sae", sae_key)] = report
         start = time.perf_counter()
         feature_set, _, _ = select_features(model, tokenizer, load_sae(cwac), cwac, safety, benign_align, 192)
         feature_set.save(cwac.features)
-        artifact_seconds["features"] = round(time.perf_counter() - start, 1)
+        record_seconds(sae_key, "features", start)
     write_json_atomically(results_path, results)
 
     # 4-5. attack and evaluate -----------------------------------------------------------------

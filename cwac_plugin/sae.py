@@ -509,15 +509,28 @@ def feature_drift_loss(z: Tensor, z_ref: Tensor, mask: Tensor, scale: Tensor | N
 
 def anchor_spread(signals: list[Tensor], masks: list[Tensor], floor_fraction: float = 0.1) -> Tensor:
     """Each feature's standard deviation over the counted anchor tokens, floored at `floor_fraction` of
-    the median: a scale in the signal's own units, which the harmful prompts' mean activation is not
-    for pre-activations, and which no near-constant feature can shrink towards zero (the penalty's
-    heavy tail came from the smallest scales, benchmarks/README.md).
+    the median of the features that vary: a scale in the signal's own units, which the harmful prompts'
+    mean activation is not for pre-activations, and which no near-constant feature (a TopK feature
+    that never fires on the anchors) can shrink towards zero; the penalty's heavy tail came from the
+    smallest scales (benchmarks/README.md).
 
     signals: (..., m) per anchor batch; masks: the tokens that count, shaped like signals[..., 0].
     """
-    counted = torch.cat([signal[mask] for signal, mask in zip(signals, masks)])
+    counted = torch.cat([signal[mask] for signal, mask in zip(signals, masks, strict=True)])
+    if not len(counted):
+        raise SAEConfigError(
+            "cwac.act_scale 'spread': no safety-anchor token is left to measure it on (cwac.act_skip_first "
+            "leaves out every position of the anchors); lower cwac.act_skip_first"
+        )
     spread = counted.float().std(0, correction=0)
-    return spread.clamp(min=float(spread.median()) * floor_fraction + 1e-6)
+    varying = spread[spread > 0]
+    if not len(varying):
+        raise SAEConfigError(
+            "cwac.act_scale 'spread': none of the selected features varies on the safety anchors (with "
+            "cwac.act_signal 'activation' they never fire there); use cwac.act_signal: preactivation or "
+            "cwac.act_scale: mean"
+        )
+    return spread.clamp(min=float(varying.median()) * floor_fraction)
 
 
 class ActivationConstraint:

