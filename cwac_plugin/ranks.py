@@ -101,26 +101,12 @@ def sum_over_ranks(sums: dict[str, Tensor], *counts: int) -> tuple[int, ...]:
     return tuple(int(total) for total in totals.tolist())
 
 
-_cpu_groups: dict = {}  # per default group: a new process group needs its own
-
-
-def cpu_group():
-    """A gloo group over every rank, made once per process group (by every rank, as new_group
-    requires): what `gather_in_order` sends travels and lands in host memory. Over NCCL,
-    gather_object would stage each rank's pickled rows on its GPU and the first rank's receive
-    buffer, world x the largest share, on its own: the SAE's training activations at 70B widths
-    are gigabytes."""
-    if dist.group.WORLD not in _cpu_groups:
-        _cpu_groups[dist.group.WORLD] = dist.new_group(backend="gloo")
-    return _cpu_groups[dist.group.WORLD]
-
-
 def gather_in_order(rows: list[tuple[int, object]]) -> list | None:
     """Every rank's (index, item) pairs, as the items in index order on the first rank (None on
     the others); weight-0 repeats must be left out of `rows`. Tensors travel on the CPU."""
     if world_size() > 1:
         gathered = [None] * world_size() if is_main_process() else None
-        dist.gather_object(rows, gathered, dst=0, group=cpu_group())
+        dist.gather_object(rows, gathered, dst=0)
         if not is_main_process():
             return None
         rows = [row for part in gathered for row in part]
