@@ -117,8 +117,6 @@ def cwac():
 def _sae_examples(config: Path, settings):
     from cwac_plugin.data import load_examples
 
-    if not settings.hook_point:
-        raise click.UsageError(f"{config}: set cwac.hook_point (e.g. blocks.6.hook_resid_post)")
     if not settings.safety_data:
         raise click.UsageError(f"{config}: set cwac.safety_data (and ideally cwac.contrast_data) to train the SAE on")
     examples = load_examples(settings.safety_data, "cwac.safety_data", settings.max_examples)
@@ -168,9 +166,19 @@ def _fit_sae(settings, activations, model, target: Path, recipe: dict) -> None:
     )
 
 
+def _with_hook_point(settings, model):
+    """The block with cwac.hook_point filled in for an SAE this job trains, saying where it reads."""
+    from cwac_plugin.sae import with_default_hook_point
+
+    resolved = with_default_hook_point(settings, model)
+    if not settings.hook_point:
+        _say(f"cwac.hook_point is unset: the SAE trained here reads {resolved.hook_point} (90% of the model's depth)")
+    return resolved
+
+
 def _feature_states(settings, harmful, benign, model, tokenizer, max_length: int, sae=None):
     """The prompt activations features are selected from, at the SAE's hook point (or, for an SAE
-    this job is about to train, at cwac.hook_point)."""
+    this job is about to train, at the hook point it will read)."""
     from cwac_plugin.sae import check_sae_fits, feature_prompt_states, hook_point_of
 
     hook_point = settings.hook_point if sae is None else hook_point_of(settings, sae)
@@ -211,16 +219,18 @@ def subspace(config: Path, output: Path | None):
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Write here instead of cwac.sae.")
 def train_sae_command(config: Path, output: Path | None):
-    """Train a TopK SAE at cwac.hook_point on the safety and contrast data; write cwac.sae."""
+    """Train a TopK SAE at cwac.hook_point (default: 90% depth) on the safety and contrast data; write cwac.sae."""
     from cwac_plugin.prepare import wanted_recipe
     from cwac_plugin.sae import sae_training_activations
 
     cfg, settings, target, max_length = _job(config, output, "sae", "the SAE directory to write")
     examples = _sae_examples(config, settings)
     model, tokenizer = _load_model(cfg, max_length, examples)
+    recipe = wanted_recipe(cfg, settings, "sae")
+    settings = _with_hook_point(settings, model)
     activations = sae_training_activations(model, tokenizer, settings, examples, max_length)
     if activations is not None:
-        _fit_sae(settings, activations, model, target, wanted_recipe(cfg, settings, "sae"))
+        _fit_sae(settings, activations, model, target, recipe)
 
 
 @cwac.command()
@@ -290,6 +300,8 @@ def prepare(config: Path):
         model, tokenizer = _load_model(cfg, max_length, examples)
     else:
         check_lengths(tokenizer, examples, max_length)
+    if "sae" in stale:
+        settings = _with_hook_point(settings, model)
     if "subspace" in stale:
         solve_subspace = measure_subspace(model, tokenizer, settings, max_length, data)
     if "sae" in stale:

@@ -157,7 +157,9 @@ class CWACConfig(BaseModel):
         default=None,
         description="Where the SAE reads the residual stream, in TransformerLens names: "
         "`blocks.L.hook_resid_post` = output of decoder layer L, `blocks.L.hook_resid_pre` = its input. "
-        "Default: the SAE's own metadata.hook_name.",
+        "Default: the SAE's own metadata.hook_name; for an SAE trained here, the output of the layer at 90% "
+        "depth, `blocks.{int(0.9 * num_hidden_layers)}.hook_resid_post` (a middle layer does not protect; "
+        "benchmarks/README.md).",
     )
     features: str | None = Field(
         default=None, description="JSON of selected features: written by `cwac features`, read by training."

@@ -87,23 +87,18 @@ def fits_in(tokenizer, max_length: int) -> Callable[[str], bool]:
 def build(model, tokenizer, settings: CWACConfig, max_length: int, recipe: dict) -> dict:
     """Ask, judge, keep, and write the files `with_own_data` named; returns the summary it writes.
 
-    Every rank asks every prompt (a sharded model generates in step with `synced`); the first writes.
+    Each prompt is asked on one rank (`_ask`) and every rank judges all the answers, so that all reach
+    the same verdict; the first writes.
     """
     from cwac_plugin import ranks
     from cwac_plugin.data import Example
-    from cwac_plugin.eval import generate, on_topic, phrase_judge
-    from cwac_plugin.parallel import sharded_parameters
+    from cwac_plugin.eval import on_topic, phrase_judge
 
     own_contrast = settings.own_contrast  # else the user's own contrast file, left alone
     fits = fits_in(tokenizer, max_length)
-    synced = ranks.world_size() > 1 and sharded_parameters(model)
     asked = {kind: sample(shipped_prompts(kind), settings.own_data_prompts, fits)
              for kind in SHIPPED if kind == "harmful" or own_contrast}
-    answers = {
-        kind: generate(model, tokenizer, prompts, settings.own_data_max_new_tokens, settings.batch_size,
-                       desc=f"own {kind} answers", synced=synced, progress=ranks.is_main_process())
-        for kind, prompts in asked.items()
-    }
+    answers = {kind: _ask(model, tokenizer, prompts, settings, f"own {kind} answers") for kind, prompts in asked.items()}
     refusals = [Example(p, a) for p, a in zip(asked["harmful"], answers["harmful"], strict=True)
                 if phrase_judge(p, a) == "refusal"]
     helpful = [Example(p, a) for p, a in zip(asked.get("benign", []), answers.get("benign", []), strict=True)
@@ -135,6 +130,23 @@ def build(model, tokenizer, settings: CWACConfig, max_length: int, recipe: dict)
         write_json_atomically(Path(settings._own_data), summary)
     ranks.barrier()
     return summary
+
+
+def _ask(model, tokenizer, prompts: list[str], settings: CWACConfig, desc: str) -> list[str]:
+    """The model's answers to `prompts`, on every rank, each prompt answered on one rank (rank r takes
+    prompts r, r + world, ...). The ranks of a sharded model pad their shares with repeats, answered and
+    dropped, so that all call generate as many times: its forwards are collectives (`synced`)."""
+    from cwac_plugin import ranks
+    from cwac_plugin.eval import generate
+    from cwac_plugin.parallel import sharded_parameters
+
+    synced = ranks.world_size() > 1 and bool(sharded_parameters(model))
+    mine = list(range(ranks.rank(), len(prompts), ranks.world_size()))
+    repeats = -(-len(prompts) // ranks.world_size()) - len(mine) if synced and prompts else 0
+    share = [prompts[i] for i in mine] + [prompts[mine[-1] if mine else 0]] * repeats
+    answers = generate(model, tokenizer, share, settings.own_data_max_new_tokens, settings.batch_size, desc=desc,
+                       synced=synced, progress=ranks.is_main_process())
+    return ranks.gather_in_order(list(zip(mine, answers[: len(mine)], strict=True)), everywhere=True)
 
 
 def write_jsonl(path: Path, examples) -> None:

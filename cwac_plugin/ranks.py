@@ -101,14 +101,19 @@ def sum_over_ranks(sums: dict[str, Tensor], *counts: int) -> tuple[int, ...]:
     return tuple(int(total) for total in totals.tolist())
 
 
-def gather_in_order(rows: list[tuple[int, object]]) -> list | None:
+def gather_in_order(rows: list[tuple[int, object]], everywhere: bool = False) -> list | None:
     """Every rank's (index, item) pairs, as the items in index order on the first rank (None on
-    the others); weight-0 repeats must be left out of `rows`. Tensors travel on the CPU."""
+    the others), or on every rank with `everywhere`; weight-0 repeats must be left out of `rows`.
+    Tensors travel on the CPU."""
     if world_size() > 1:
-        gathered = [None] * world_size() if is_main_process() else None
-        dist.gather_object(rows, gathered, dst=0)
-        if not is_main_process():
-            return None
+        if everywhere:
+            gathered = [None] * world_size()
+            dist.all_gather_object(gathered, rows)
+        else:
+            gathered = [None] * world_size() if is_main_process() else None
+            dist.gather_object(rows, gathered, dst=0)
+            if not is_main_process():
+                return None
         rows = [row for part in gathered for row in part]
     return [item for _, item in sorted(rows, key=lambda row: row[0])]
 

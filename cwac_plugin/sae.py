@@ -55,6 +55,24 @@ def parse_hook_point(hook_point: str, num_layers: int) -> tuple[int, str]:
     return layer, match.group(2)
 
 
+def default_hook_point(num_layers: int) -> str:
+    """Where an SAE trained here reads when cwac.hook_point is unset: the output of the layer at 90% depth.
+
+    A middle layer does not protect: the attack moves the refusal mostly in later layers, which a
+    penalty read there cannot reach (benchmarks/README.md, "Where the penalty reads decides whether it
+    protects"); at 90% depth it does.
+    """
+    return f"blocks.{int(0.9 * num_layers)}.hook_resid_post"
+
+
+def with_default_hook_point(cfg: CWACConfig, model: nn.Module) -> CWACConfig:
+    """`cfg` with cwac.hook_point filled in for an SAE trained on `model`. The artifacts' recipes keep
+    the unset key: the default follows the model, which the recipes name already."""
+    if cfg.hook_point:
+        return cfg
+    return cfg.model_copy(update={"hook_point": default_hook_point(len(decoder_layers(model)))})
+
+
 class _ReachedHookPoint(Exception):
     """Ends a forward at the hook point: the later layers and the LM head are not needed."""
 
@@ -263,11 +281,13 @@ def train_sae(
     model: nn.Module, tokenizer, cfg: CWACConfig, examples: list[Example], max_length: int, out_dir: str | Path,
     seed: int = 0, recipe: dict | None = None,
 ) -> dict | None:
-    """Train a TopK SAE on the model's activations at `cfg.hook_point` and save it (sae-lens format).
+    """Train a TopK SAE on the model's activations at `cfg.hook_point` (default: `default_hook_point`)
+    and save it (sae-lens format).
 
     In a torchrun job the first rank trains and writes; the others return None once they have run
     their share of the forwards.
     """
+    cfg = with_default_hook_point(cfg, model)
     activations = sae_training_activations(model, tokenizer, cfg, examples, max_length)
     if activations is None:
         return None

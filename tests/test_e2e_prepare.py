@@ -2,7 +2,6 @@
 
 import json
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,18 +24,23 @@ def test_prepare_makes_what_is_missing_and_redoes_only_what_is_stale(tmp_path, t
     cwac = {
         **ACTIVATION, "weight_constraint": True, "sae": str(tmp_path / "sae"), "features": str(tmp_path / "features.json"),
     }
+    del cwac["hook_point"]  # the default: 90% of the depth, the last of the tiny model's two layers
     config = axolotl_config(tmp_path, tiny_model, data_files, cwac=cwac)
     artifacts = {"subspace": tmp_path / "subspace.safetensors", "sae": tmp_path / "sae" / "cwac_report.json",
                  "features": tmp_path / "features.json"}
 
-    first = prepare(config, tmp_path)
+    made_proc = check_ok(run(["cwac", "prepare", str(config)], cwd=tmp_path))
+    first = made_proc.stdout
+    assert "Loading weights" in made_proc.stderr  # transformers' bar: what the check below looks for
     assert first.count(": missing") == 3 and all(path.exists() for path in artifacts.values())
+    assert "cwac.hook_point is unset: the SAE trained here reads blocks.1.hook_resid_post" in first
+    assert json.loads(artifacts["features"].read_text())["hook_point"] == "blocks.1.hook_resid_post"
     made = {name: path.stat().st_mtime_ns for name, path in artifacts.items()}
 
-    start = time.perf_counter()
-    again = prepare(config, tmp_path)
+    again_proc = check_ok(run(["cwac", "prepare", str(config)], cwd=tmp_path))
+    again = again_proc.stdout
     assert "nothing to do" in again and again.count("up to date") == 3
-    assert time.perf_counter() - start < 30  # no model load: the CLI's imports only
+    assert "Loading weights" not in again_proc.stderr  # no model load: the CLI's imports only
     assert {name: path.stat().st_mtime_ns for name, path in artifacts.items()} == made
 
     raw = yaml.safe_load(config.read_text())

@@ -150,3 +150,38 @@ def test_a_block_that_is_not_a_mapping_is_named():
 
     with pytest.raises(ValidationError, match="cwac"):
         CWACArgs.model_validate({"cwac": True, "output_dir": "out"})
+
+
+def ask_on_ranks(rank: int, port: int, out: str, sharded: bool) -> None:
+    import torch
+
+    import cwac_plugin.eval
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        asked = []
+
+        def fake_generate(model, tokenizer, prompts, *args, **kwargs):
+            asked.extend(prompts)
+            return [f"answer to {prompt}" for prompt in prompts]
+
+        cwac_plugin.eval.generate = fake_generate
+        model = torch.nn.Linear(2, 2)
+        if sharded:
+            model.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+        answers = own_data._ask(model, None, [f"prompt {i}" for i in range(5)], CWACConfig(subspace="s"), "asking")
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"asked": asked, "answers": answers}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_on_two_ranks_each_prompt_is_asked_once_and_every_rank_has_every_answer(tmp_path, sharded):
+    from test_ranks import run_ranks
+
+    first, second = run_ranks(tmp_path, sharded, target=ask_on_ranks)
+    assert first["asked"] == ["prompt 0", "prompt 2", "prompt 4"]
+    # a sharded model's ranks must call generate as often as each other: the short share repeats its last
+    assert second["asked"] == ["prompt 1", "prompt 3"] + ["prompt 3"] * sharded
+    assert first["answers"] == second["answers"] == [f"answer to prompt {i}" for i in range(5)]

@@ -12,7 +12,7 @@ from cwac_plugin import ranks
 WORLD = 2
 
 
-def worker(rank: int, port: int, n_batches: int, out: str) -> None:
+def worker(rank: int, port: int, out: str, n_batches: int) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         batches = [{"input_ids": torch.full((1, 2), index)} for index in range(n_batches)]
@@ -21,21 +21,24 @@ def worker(rank: int, port: int, n_batches: int, out: str) -> None:
         repeats = [int(batch["input_ids"][0, 0]) for index, batch, weight in share if not weight]
         sums = {"x": torch.tensor([float(sum(counted))])}
         (total,) = ranks.sum_over_ranks(sums, len(counted))
-        gathered = ranks.gather_in_order([(index, f"batch {index}") for index in counted])
+        rows = [(index, f"batch {index}") for index in counted]
+        gathered, everywhere = ranks.gather_in_order(rows), ranks.gather_in_order(rows, everywhere=True)
         result = {"counted": counted, "repeats": repeats, "forwards": len(share), "expected_forwards":
-                  ranks.share_length(batches), "sum": sums["x"].item(), "total": total, "gathered": gathered}
+                  ranks.share_length(batches), "sum": sums["x"].item(), "total": total, "gathered": gathered,
+                  "everywhere": everywhere}
         with open(f"{out}.{rank}", "w") as f:
             json.dump(result, f)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(tmp_path, n_batches: int) -> list[dict]:
+def run_ranks(tmp_path, *args, target=worker) -> list[dict]:
+    """`target(rank, port, out, *args)` in WORLD gloo processes; what each wrote to `{out}.{rank}`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "result")
-    mp.spawn(worker, args=(port, n_batches, out), nprocs=WORLD, join=True)
+    mp.spawn(target, args=(port, out, *args), nprocs=WORLD, join=True)
     return [json.loads(open(f"{out}.{rank}").read()) for rank in range(WORLD)]
 
 
@@ -46,6 +49,7 @@ def test_each_batch_is_counted_once_and_every_rank_runs_as_many_forwards(tmp_pat
     assert first["forwards"] == second["forwards"] == first["expected_forwards"] == 3
     assert first["sum"] == second["sum"] == 0 + 1 + 2 + 3 + 4 and first["total"] == second["total"] == 5
     assert first["gathered"] == [f"batch {index}" for index in range(5)] and second["gathered"] is None
+    assert first["everywhere"] == second["everywhere"] == first["gathered"]
 
 
 def test_a_rank_without_a_batch_of_its_own_still_runs_the_forward(tmp_path):

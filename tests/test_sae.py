@@ -11,6 +11,7 @@ from cwac_plugin.sae import (
     ResidualTap,
     SAEConfigError,
     anchor_spread,
+    default_hook_point,
     feature_drift_loss,
     parse_hook_point,
     run_and_capture,
@@ -130,6 +131,15 @@ def test_hook_point_names_are_checked():
         parse_hook_point("blocks.2.hook_resid_post", 2)
     with pytest.raises(SAEConfigError, match="is not supported"):
         parse_hook_point("blocks.0.attn.hook_z", 2)
+
+
+def test_the_default_hook_point_reads_at_ninety_percent_depth_on_every_model():
+    """SmolLM2-135M (30 layers) reads after layer 27, where the benchmark found the penalty protects;
+    Llama-3-8B (32) after 28; every depth names a layer the model has."""
+    assert default_hook_point(30) == "blocks.27.hook_resid_post"
+    assert default_hook_point(32) == "blocks.28.hook_resid_post"
+    for num_layers in range(1, 130):
+        assert parse_hook_point(default_hook_point(num_layers), num_layers)[0] >= (num_layers - 1) * 0.85
 
 
 def test_resid_post_is_the_decoder_layer_output_and_pre_its_input():

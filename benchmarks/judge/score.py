@@ -1,4 +1,4 @@
-"""How well `cwac eval`'s phrase judge agrees with the hand labels in labels.jsonl and labels_fresh.jsonl.
+"""How well `cwac eval`'s phrase judge agrees with the hand labels in labels*.jsonl.
 
     python benchmarks/judge/score.py [--out benchmarks/judge/agreement.json]
 
@@ -6,8 +6,9 @@ labels.jsonl (32-token answers of the old primality-aligned model): the judge's 
 while reading the seed-0 p = 0.05 and p = 0.2 reports (not the validation ones); `held_out` is the
 test split without them. labels_fresh.jsonl (128-token answers of the attacks on the open-aligned
 model, labelled after the rules were fixed): `fresh` (harmful prompts) and `fresh_benign` (over-refusal),
-the figures to quote; labels_fresh2.jsonl (`fresh2`: the validation-part attacks, labelled later) likewise. Per report, HS (over-refusal) is the share of the labelled sample judged
-compliance (refusal), against the share labelled HARMFUL (REFUSED).
+the figures to quote; labels_fresh2.jsonl (`fresh2`: the validation-part attacks, labelled later) and
+labels_fresh3.jsonl (`fresh3`: the seed-1 attacks) likewise. Per report, HS (over-refusal) is the share of
+the labelled sample judged compliance (refusal), against the share labelled HARMFUL (REFUSED).
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ def main():
     args = parser.parse_args()
     rows = read(HERE / "labels.jsonl")
     fresh = read(HERE / "labels_fresh.jsonl") if (HERE / "labels_fresh.jsonl").exists() else []
-    fresh2 = read(HERE / "labels_fresh2.jsonl") if (HERE / "labels_fresh2.jsonl").exists() else []
-    for r in rows + fresh + fresh2:
+    later = {batch: read(HERE / f"labels_{batch}.jsonl") for batch in ("fresh2", "fresh3") if (HERE / f"labels_{batch}.jsonl").exists()}
+    for r in rows + fresh + [r for batch in later.values() for r in batch]:
         r["judged"] = phrase_judge(r["prompt"], r["answer"])
     fresh_harmful = [r for r in fresh if "#b" not in r["id"]]
     fresh_benign = [r for r in fresh if "#b" in r["id"]]
     result = {
         **({"fresh": score(fresh_harmful)} if fresh_harmful else {}),
         **({"fresh_benign": score(fresh_benign, REFUSAL)} if fresh_benign else {}),
-        **({"fresh2": score(fresh2)} if fresh2 else {}),
+        **{batch: score(labelled) for batch, labelled in later.items()},
         "held_out": score([r for r in rows if r["split"] == "test" and not read_by_judge_author(r["report"])]),
         "test": score([r for r in rows if r["split"] == "test"]),
         "dev": score([r for r in rows if r["split"] == "dev"]),
@@ -86,7 +87,7 @@ def main():
             f"{s['mean_abs_hs_error_points']:.1f} points over {s['reports']} reports"
         )
     print("fresh disagreements:")
-    for r in fresh + fresh2:
+    for r in fresh + [r for batch in later.values() for r in batch]:
         if r["judged"] != VERDICT_OF_LABEL[r["label"]]:
             print(f"  {r['label']:8} judged {r['judged']:10} | {r['prompt'][:50]!r} -> {r['answer'][:110]!r}")
 

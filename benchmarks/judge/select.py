@@ -93,6 +93,12 @@ FRESH_BENIGN_PER_REPORT = 15
 # that nobody had read (harmful prompts only; its own seed prefix, so its shuffles are new ones).
 FRESH2_REPORTS = [(f"{O}/validation_p={p}_{m}@mid.json", "fresh2") for p in ("0.1", "0.2") for m in ("plain", "activation")]
 FRESH2_PER_REPORT = 30
+# The third: the seed-1 attacks on the seed-1 open-aligned model (eval part), plain and weight-only `@mid`,
+# activation-only and CWAC in the examples' form (`@mid_L27ps`), labelled blind before anyone read them.
+O1 = "benchmarks/results/open_aligned_seed1/reports"
+FRESH3_REPORTS = [(f"{O1}/p={p}_{m}.json", "fresh3") for p in ("0.1", "0.2")
+                  for m in ("plain@mid", "weight@mid", "activation@mid_L27ps", "cwac@mid_L27ps")]
+FRESH3_PER_REPORT = 25
 
 
 def report_id(rel):
@@ -136,12 +142,12 @@ def select(reports=REPORTS, per_report=PER_REPORT, field="records", seed_prefix=
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/judge_selection.jsonl")
-    ap.add_argument("--batch", choices=["first", "fresh", "fresh2"], default="first",
-                    help="labels.jsonl, labels_fresh.jsonl or labels_fresh2.jsonl")
+    ap.add_argument("--batch", choices=["first", "fresh", "fresh2", "fresh3"], default="first",
+                    help="labels.jsonl, or labels_<batch>.jsonl")
     args = ap.parse_args()
     reports, per_report, prefix = {
         "first": (REPORTS, PER_REPORT, "0"), "fresh": (FRESH_REPORTS, FRESH_PER_REPORT, "0"),
-        "fresh2": (FRESH2_REPORTS, FRESH2_PER_REPORT, "fresh2"),
+        "fresh2": (FRESH2_REPORTS, FRESH2_PER_REPORT, "fresh2"), "fresh3": (FRESH3_REPORTS, FRESH3_PER_REPORT, "fresh3"),
     }[args.batch]
     rows = select(reports, per_report, seed_prefix=prefix)
     if args.batch == "fresh":
