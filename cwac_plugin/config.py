@@ -169,7 +169,11 @@ class CWACConfig(BaseModel):
         default="standardized",
         description="How a feature's separation of harmful from benign prompts is scored.",
     )
-    act_lambda: float = Field(default=1.0, ge=0.0, description="Weight lambda of the feature-drift penalty.")
+    act_lambda: float = Field(
+        default=300.0, ge=0.0,
+        description="Weight lambda of the feature-drift penalty (300: chosen with the default signal and scale on "
+        "the benchmark's validation part, benchmarks/README.md; other signals or scales need their own).",
+    )
     act_anchor: Literal["safety", "batch"] = Field(
         default="safety",
         description="safety: a fixed set of safety prompts with reference activations from the aligned "
@@ -182,14 +186,15 @@ class CWACConfig(BaseModel):
         default=True, description="Divide each feature's drift by its reference scale (see act_scale)."
     )
     act_scale: Literal["mean", "spread"] = Field(
-        default="mean",
-        description="The reference scale: mean, each feature's mean activation on harmful prompts (the "
-        "features file); spread, each signal's standard deviation over the safety anchors' tokens under the "
-        "aligned model, in the signal's own units (pre-activations too), floored at a tenth of the median "
-        "so that no near-constant feature dominates. spread needs act_anchor: safety.",
+        default="spread",
+        description="The reference scale: spread, each signal's standard deviation over the safety anchors' "
+        "tokens under the aligned model, in the signal's own units (pre-activations too), floored at a tenth "
+        "of the median so that no near-constant feature dominates; mean, each feature's mean activation on "
+        "harmful prompts (the features file), which per-prompt means as small as 0.05 made a heavy-tailed "
+        "penalty. spread needs act_anchor: safety; unset under act_anchor: batch, it is mean.",
     )
     act_signal: Literal["activation", "preactivation"] = Field(
-        default="activation",
+        default="preactivation",
         description="What drift is measured on: the SAE's feature activations, or the selected features' "
         "encoder pre-activations (smooth where TopK/JumpReLU switch features on and off; d x m work and "
         "memory, not d x d_sae).",
@@ -242,6 +247,8 @@ class CWACConfig(BaseModel):
         for key in ("max_harmful_score", "eval_benign", "eval_every"):
             if getattr(self, key) is not None and not self.eval_harmful:
                 raise ValueError(f"cwac.{key} needs cwac.eval_harmful: the harmful prompts of the in-training evaluation")
+        if self.act_anchor == "batch" and "act_scale" not in self.model_fields_set:
+            self.act_scale = "mean"  # no safety anchors to measure the spread on
         if self.activation_constraint and self.act_normalize and self.act_scale == "spread" and self.act_anchor != "safety":
             raise ValueError(
                 "cwac.act_scale 'spread' is measured on the safety anchors: set cwac.act_anchor: safety, "

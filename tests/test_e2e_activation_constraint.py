@@ -82,7 +82,8 @@ def test_penalty_keeps_features_closer_to_the_aligned_model(
     data = {**data_files, "train": artifacts["train"]}
     drift = {}
     # Both runs start from `initial_adapter`, so they differ only in lambda; the drifts then repeat
-    # exactly from session to session here (lora 0.403 vs 0.102, qlora 0.221 vs 0.100; zero3 = lora).
+    # exactly from session to session here (with the earlier default form, activations and mean scale:
+    # lora 0.403 vs 0.102, qlora 0.221 vs 0.100, zero3 = lora; the run prints today's).
     # At learning rate 1e-2 the penalised ZeRO-3 run oscillated (act_loss 700 -> 5 200 -> 1 000 -> ...)
     # and once ended above the unpenalised drift (0.65 vs 0.51); 3e-3 keeps the optimisation stable.
     for lam in (0.0, 100.0):

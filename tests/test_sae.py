@@ -103,7 +103,8 @@ def test_spread_scale_is_measured_on_the_anchors_in_the_signals_units(skip_first
     assert torch.allclose(constraint.scale.double(), by_hand, rtol=1e-5)
     perturb_lora_b(model, 0.1)
     loss = constraint.loss(model, {}, [])[0].item()
-    model_mean, mean = lora_model_with_activation_constraint(act_signal="preactivation", act_skip_first=skip_first)
+    model_mean, mean = lora_model_with_activation_constraint(act_signal="preactivation", act_scale="mean",
+                                                             act_skip_first=skip_first)
     perturb_lora_b(model_mean, 0.1)
     assert loss > 0 and loss != pytest.approx(mean.loss(model_mean, {}, [])[0].item())
 

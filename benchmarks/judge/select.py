@@ -93,12 +93,11 @@ FRESH_BENIGN_PER_REPORT = 15
 # that nobody had read (harmful prompts only; its own seed prefix, so its shuffles are new ones).
 FRESH2_REPORTS = [(f"{O}/validation_p={p}_{m}@mid.json", "fresh2") for p in ("0.1", "0.2") for m in ("plain", "activation")]
 FRESH2_PER_REPORT = 30
-# The third: the seed-1 attacks on the seed-1 open-aligned model (eval part), plain and weight-only `@mid`,
-# activation-only and CWAC in the examples' form (`@mid_L27ps`), labelled blind before anyone read them.
+# The third: the seed-1 attacks on the seed-1 open-aligned model (eval part, p = 0.1), plain and weight-only
+# `@mid`, activation-only and CWAC in the default form (`@mid_L27ps`), labelled blind.
 O1 = "benchmarks/results/open_aligned_seed1/reports"
-FRESH3_REPORTS = [(f"{O1}/p={p}_{m}.json", "fresh3") for p in ("0.1", "0.2")
-                  for m in ("plain@mid", "weight@mid", "activation@mid_L27ps", "cwac@mid_L27ps")]
-FRESH3_PER_REPORT = 25
+FRESH3_REPORTS = [(f"{O1}/p=0.1_{m}.json", "fresh3") for m in ("plain@mid", "weight@mid", "activation@mid_L27ps", "cwac@mid_L27ps")]
+FRESH3_PER_REPORT = 30
 
 
 def report_id(rel):
