@@ -58,9 +58,9 @@ def parse_hook_point(hook_point: str, num_layers: int) -> tuple[int, str]:
 def default_hook_point(num_layers: int) -> str:
     """Where an SAE trained here reads when cwac.hook_point is unset: the output of the layer at 90% depth.
 
-    A middle layer does not protect: the attack moves the refusal mostly in later layers, which a
-    penalty read there cannot reach (benchmarks/README.md, "Where the penalty reads decides whether it
-    protects"); at 90% depth it does.
+    A middle layer does not protect: the attack can move the refusal in later layers (30% of its gradient
+    lies in SmolLM2's layers 16-29), which a penalty read at layer 15 cannot reach (benchmarks/README.md,
+    "Where the penalty reads decides whether it protects"); at 90% depth it does.
     """
     return f"blocks.{int(0.9 * num_layers)}.hook_resid_post"
 
