@@ -133,20 +133,19 @@ def build(model, tokenizer, settings: CWACConfig, max_length: int, recipe: dict)
 
 
 def _ask(model, tokenizer, prompts: list[str], settings: CWACConfig, desc: str) -> list[str]:
-    """The model's answers to `prompts`, on every rank, each prompt answered on one rank (rank r takes
-    prompts r, r + world, ...). The ranks of a sharded model pad their shares with repeats, answered and
+    """The model's answers to `prompts`, on every rank, each prompt answered on one rank (`ranks.my_share`:
+    rank r takes prompts r, r + world, ...). The ranks of a sharded model keep its repeats, answered and
     dropped, so that all call generate as many times: its forwards are collectives (`synced`)."""
     from cwac_plugin import ranks
     from cwac_plugin.eval import generate
     from cwac_plugin.parallel import sharded_parameters
 
     synced = ranks.world_size() > 1 and bool(sharded_parameters(model))
-    mine = list(range(ranks.rank(), len(prompts), ranks.world_size()))
-    repeats = -(-len(prompts) // ranks.world_size()) - len(mine) if synced and prompts else 0
-    share = [prompts[i] for i in mine] + [prompts[mine[-1] if mine else 0]] * repeats
-    answers = generate(model, tokenizer, share, settings.own_data_max_new_tokens, settings.batch_size, desc=desc,
-                       synced=synced, progress=ranks.is_main_process())
-    return ranks.gather_in_order(list(zip(mine, answers[: len(mine)], strict=True)), everywhere=True)
+    share = [(index, prompt) for index, prompt, weight in ranks.my_share(prompts) if weight or synced]
+    answers = generate(model, tokenizer, [prompt for _, prompt in share], settings.own_data_max_new_tokens,
+                       settings.batch_size, desc=desc, synced=synced, progress=ranks.is_main_process())
+    mine = [(index, answer) for (index, _), answer in zip(share, answers, strict=True) if index >= 0]
+    return ranks.gather_in_order(mine, everywhere=True)
 
 
 def write_jsonl(path: Path, examples) -> None:
