@@ -5,19 +5,14 @@ unevenly, 2 + 1 rows, and with rank 1 leaves rank 1 no row at all). The ranks tr
 merged by PEFT, must keep the constraint as on one process, and the logged leakage must say so.
 """
 
-import json
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from cwac_plugin.config import DEFAULT_TARGET_MODULES
 from cwac_plugin.projection import WeightConstraint
 
 from test_projection import current_weights, leakage_between, random_subspace, tiny_llama
-
-WORLD = 2
+from test_ranks import WORLD, run_ranks
 
 
 def build(lora_rank: int):
@@ -53,56 +48,44 @@ def gathered_weights(model, lora_rank: int, names: list[str]) -> dict:
     return current_weights(copy, names)
 
 
-def worker(rank: int, port: int, case: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        training, mode = case.split("-")
-        lora_rank = int(training.removeprefix("lora") or 3) if training.startswith("lora") else 0
-        model = build(lora_rank)
-        subspace = random_subspace(tiny_llama())
-        before = current_weights(model, subspace.module_names)
-        constraint = WeightConstraint(model, subspace, mode=mode)  # as the plugin: before the wrapper
-        shard(model)
-        trained = [p for p in model.parameters() if p.requires_grad]
-        if mode == "gradient":  # plain SGD: Adam's per-coordinate scaling would leak (README)
-            optimizer = torch.optim.SGD(trained, lr=0.5)
-        else:
-            optimizer = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.1)
-        constraint.follow_sharding()  # what CWACCallback.on_train_begin does
-        constraint.check_bound(model, optimizer)
-        constraint.attach()
-        g = torch.Generator().manual_seed(rank)  # each rank its own data, as under data parallelism
-        for _ in range(4):
-            ids = torch.randint(0, 64, (4, 12), generator=g)
-            model(input_ids=ids, labels=ids).loss.backward()
-            constraint.project_gradients()  # on_pre_optimizer_step
-            optimizer.step()
-            optimizer.zero_grad()
-            if mode == "update":
-                constraint.enforce()  # on_optimizer_step
-        reported = constraint.leakage()
-        norm, leak_in, leak_out = leakage_between(subspace, before, gathered_weights(model, lora_rank, subspace.module_names))
-        if rank == 0:
-            result = {
-                "norm": norm, "leak_in": leak_in, "leak_out": leak_out, "sharded": constraint.sharded,
-                "reported_in": reported.input_leakage, "reported_out": reported.output_leakage,
-                "reported_norm": reported.update_sq**0.5,
-                "rows_of_first": constraint.tensors[0].param.to_local().shape[0],
-            }
-            with open(out, "w") as f:
-                json.dump(result, f)
-    finally:
-        torch.distributed.destroy_process_group()
+def worker(rank: int, case: str) -> dict:
+    training, mode = case.split("-")
+    lora_rank = int(training.removeprefix("lora") or 3) if training.startswith("lora") else 0
+    model = build(lora_rank)
+    subspace = random_subspace(tiny_llama())
+    before = current_weights(model, subspace.module_names)
+    constraint = WeightConstraint(model, subspace, mode=mode)  # as the plugin: before the wrapper
+    shard(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if mode == "gradient":  # plain SGD: Adam's per-coordinate scaling would leak (README)
+        optimizer = torch.optim.SGD(trained, lr=0.5)
+    else:
+        optimizer = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.1)
+    constraint.follow_sharding()  # what CWACCallback.on_train_begin does
+    constraint.check_bound(model, optimizer)
+    constraint.attach()
+    g = torch.Generator().manual_seed(rank)  # each rank its own data, as under data parallelism
+    for _ in range(4):
+        ids = torch.randint(0, 64, (4, 12), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        constraint.project_gradients()  # on_pre_optimizer_step
+        optimizer.step()
+        optimizer.zero_grad()
+        if mode == "update":
+            constraint.enforce()  # on_optimizer_step
+    reported = constraint.leakage()
+    norm, leak_in, leak_out = leakage_between(subspace, before, gathered_weights(model, lora_rank, subspace.module_names))
+    return {
+        "norm": norm, "leak_in": leak_in, "leak_out": leak_out, "sharded": constraint.sharded,
+        "reported_in": reported.input_leakage, "reported_out": reported.output_leakage,
+        "reported_norm": reported.update_sq**0.5,
+        "rows_of_first": constraint.tensors[0].param.to_local().shape[0],
+    }
 
 
 @pytest.mark.parametrize("case", ["full-update", "lora-update", "lora1-update", "full-gradient", "lora-gradient"])
 def test_the_constraint_holds_on_fsdp2_shards(case, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "result.json"
-    mp.spawn(worker, args=(port, case, str(out)), nprocs=WORLD, join=True)
-    result = json.loads(out.read_text())
+    result = run_ranks(tmp_path, case, target=worker)[0]
     assert result["sharded"]
     assert result["norm"] > 1e-2  # it trained
     assert result["leak_in"] < 1e-5 and result["leak_out"] < 1e-5

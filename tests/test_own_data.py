@@ -152,28 +152,23 @@ def test_a_block_that_is_not_a_mapping_is_named():
         CWACArgs.model_validate({"cwac": True, "output_dir": "out"})
 
 
-def ask_on_ranks(rank: int, port: int, out: str, sharded: bool) -> None:
+def ask_on_ranks(rank: int, sharded: bool) -> dict:
     import torch
 
     import cwac_plugin.eval
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        asked = []
+    asked = []
 
-        def fake_generate(model, tokenizer, prompts, *args, **kwargs):
-            asked.extend(prompts)
-            return [f"answer to {prompt}" for prompt in prompts]
+    def fake_generate(model, tokenizer, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return [f"answer to {prompt}" for prompt in prompts]
 
-        cwac_plugin.eval.generate = fake_generate
-        model = torch.nn.Linear(2, 2)
-        if sharded:
-            model.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
-        answers = own_data._ask(model, None, [f"prompt {i}" for i in range(5)], CWACConfig(subspace="s"), "asking")
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump({"asked": asked, "answers": answers}, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    cwac_plugin.eval.generate = fake_generate
+    model = torch.nn.Linear(2, 2)
+    if sharded:
+        model.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    answers = own_data._ask(model, None, [f"prompt {i}" for i in range(5)], CWACConfig(subspace="s"), "asking")
+    return {"asked": asked, "answers": answers}
 
 
 @pytest.mark.parametrize("sharded", [False, True])

@@ -351,7 +351,8 @@ def temporal_sae():
 def test_the_sae_weights_its_encoding_never_reads_are_released(make_sae, signal, released):
     """An unread decoder held on the device is memory for nothing (256 MiB in bf16 at 8B widths)."""
     features = FeatureSet("blocks.0.hook_resid_post", "s", [2, 7, 19], [1.0] * 3, [0.5] * 3, "x", 24)
-    cfg = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json", act_signal=signal)
+    # act_scale mean: the toy anchors never fire these features, which a spread scale refuses
+    cfg = CWACConfig(weight_constraint=False, activation_constraint=True, features="f.json", act_signal=signal, act_scale="mean")
     anchors = Batches(ToyTokenizer(), examples(2), 32, 2)
     constraint = ActivationConstraint(tiny_llama(), make_sae(), features, cfg, anchors)
     whole = make_sae()
@@ -367,12 +368,15 @@ def test_the_sae_weights_its_encoding_never_reads_are_released(make_sae, signal,
 
 def test_leading_positions_can_be_left_out_of_the_penalty():
     losses = {}
-    for skip in (0, 1, 1000):
-        model, constraint = lora_model_with_activation_constraint(act_skip_first=skip)
+    for skip, scale in ((0, "spread"), (1, "spread"), (1000, "mean")):
+        model, constraint = lora_model_with_activation_constraint(act_skip_first=skip, act_scale=scale)
         perturb_lora_b(model, 0.1)
         losses[skip] = constraint.loss(model, {}, [])[0].item()
     assert losses[1000] == 0.0  # every position skipped
     assert 0 < losses[1] != losses[0] > 0
+    with pytest.raises(SAEConfigError, match="act_skip_first"):  # no anchor token left to measure a spread on
+        model, constraint = lora_model_with_activation_constraint(act_skip_first=1000, act_scale="spread")
+        constraint.loss(model, {}, [])
 
 
 def test_leading_positions_of_each_packed_sequence_are_left_out(monkeypatch):
@@ -473,7 +477,8 @@ def test_logged_loss_is_the_task_loss_and_the_total_is_beside_it(tmp_path, accum
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 64, (4, 10), generator=g)]
 
     def first_log(with_penalty: bool) -> dict:
-        model, constraint = lora_model_with_activation_constraint(lam=5000.0)
+        # ~100x the task loss; the task loss is the fp32 total less the penalty, exact to ~1e-7 of the total
+        model, constraint = lora_model_with_activation_constraint(lam=20.0)
         perturb_lora_b(model, 0.5)  # away from the reference: the penalty is large from the start
         args = TrainingArguments(
             output_dir=str(tmp_path / str(with_penalty)), per_device_train_batch_size=4 // accumulation,
