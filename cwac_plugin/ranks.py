@@ -11,8 +11,8 @@ whose share is shorter runs one batch again and counts it with weight 0.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from cwac_plugin.data import Batches
+
+Item = TypeVar("Item")  # a batch of precompute, or a prompt to answer (own_data)
 
 
 def world_size() -> int:
@@ -57,22 +59,22 @@ def _collective_device() -> torch.device:
     )
 
 
-def my_share(batches: Batches) -> Iterator[tuple[int, dict[str, Tensor], float]]:
-    """(index, batch, weight) of this rank's batches: weight 1, then weight-0 repeats up to the
+def my_share(items: Collection[Item]) -> Iterator[tuple[int, Item, float]]:
+    """(index, item, weight) of this rank's items: weight 1, then weight-0 repeats up to the
     longest share, so that every rank runs as many forwards as the others."""
     here, world = rank(), world_size()
     done, first, last = 0, None, None
-    for index, batch in enumerate(batches):
-        first = batch if first is None else first
+    for index, item in enumerate(items):
+        first = item if first is None else first
         if index % world == here:
-            last = batch
+            last = item
             done += 1
-            yield index, batch, 1.0
-    for _ in range(share_length(batches) - done):
+            yield index, item, 1.0
+    for _ in range(share_length(items) - done):
         yield -1, last if last is not None else first, 0.0
 
 
-def share_length(batches: Batches) -> int:
+def share_length(batches: Collection) -> int:
     """How many forwards `my_share` runs: what a progress bar counts."""
     return -(-len(batches) // world_size())
 
