@@ -42,8 +42,8 @@ def run_ranks(tmp_path, *args, target=worker) -> list[dict]:
     """`target(rank, *args)` in WORLD gloo processes (a file rendezvous: no port to race for); what each returned.
 
     Run once more if a rank dies of SIGABRT: gloo aborts a process now and then on the 2 loaded CI cores
-    ("terminate called without an active exception", twice in some 1 000 runs of these tests, in two
-    different tests). A fault of ours raises a Python exception in the rank, which is not retried.
+    ("terminate called without an active exception": twice in the CI runs so far, in two different tests,
+    never locally). A fault of ours raises a Python exception in the rank, which is not retried.
     """
     try:
         return _spawn(tmp_path / "first", target, args)
