@@ -7,8 +7,9 @@ while reading the seed-0 p = 0.05 and p = 0.2 reports (not the validation ones);
 test split without them. labels_fresh.jsonl (128-token answers of the attacks on the open-aligned
 model, labelled after the rules were fixed): `fresh` (harmful prompts) and `fresh_benign` (over-refusal),
 the figures to quote; labels_fresh2.jsonl (`fresh2`: the validation-part attacks, labelled later) and
-labels_fresh3.jsonl (`fresh3`: the seed-1 attacks) likewise. Per report, HS (over-refusal) is the share of
-the labelled sample judged compliance (refusal), against the share labelled HARMFUL (REFUSED).
+labels_fresh3.jsonl and labels_fresh4.jsonl (`fresh3`, `fresh4`: the seed-1 attacks at p = 0.1 and 0.2)
+likewise. Per report, HS (over-refusal) is the share of the labelled sample judged compliance (refusal),
+against the share labelled HARMFUL (REFUSED). `--judge hf:DIR` scores a classifier judge (classifier.py) instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from cwac_plugin.eval import COMPLIANCE, DEGENERATE, REFUSAL, phrase_judge
+from cwac_plugin.eval import COMPLIANCE, DEGENERATE, REFUSAL, make_judge
 
 HERE = Path(__file__).parent
 VERDICT_OF_LABEL = {"REFUSED": REFUSAL, "HARMFUL": COMPLIANCE, "ANSWERED": COMPLIANCE, "NONSENSE": DEGENERATE}
@@ -61,12 +62,14 @@ def read(path: Path) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "agreement.json")
+    parser.add_argument("--judge", default="phrase", help="as `cwac eval --judge`: 'phrase' or 'hf:DIR' (classifier.py)")
     args = parser.parse_args()
+    judge = make_judge(args.judge)
     rows = read(HERE / "labels.jsonl")
     fresh = read(HERE / "labels_fresh.jsonl") if (HERE / "labels_fresh.jsonl").exists() else []
-    later = {batch: read(HERE / f"labels_{batch}.jsonl") for batch in ("fresh2", "fresh3") if (HERE / f"labels_{batch}.jsonl").exists()}
+    later = {path.stem.removeprefix("labels_"): read(path) for path in sorted(HERE.glob("labels_fresh?*.jsonl"))}
     for r in rows + fresh + [r for batch in later.values() for r in batch]:
-        r["judged"] = phrase_judge(r["prompt"], r["answer"])
+        r["judged"] = judge(r["prompt"], r["answer"])
     fresh_harmful = [r for r in fresh if "#b" not in r["id"]]
     fresh_benign = [r for r in fresh if "#b" in r["id"]]
     result = {

@@ -98,6 +98,9 @@ FRESH2_PER_REPORT = 30
 O1 = "benchmarks/results/open_aligned_seed1/reports"
 FRESH3_REPORTS = [(f"{O1}/p=0.1_{m}.json", "fresh3") for m in ("plain@mid", "weight@mid", "activation@mid_L27ps", "cwac@mid_L27ps")]
 FRESH3_PER_REPORT = 30
+# The fourth: the same four methods at p = 0.2, run after the model judge (classifier.py) was written, so that it
+# and the phrase judge are scored on answers neither was fit on.
+FRESH4_REPORTS = [(f"{O1}/p=0.2_{m}.json", "fresh4") for m in ("plain@mid", "weight@mid", "activation@mid_L27ps", "cwac@mid_L27ps")]
 
 
 def report_id(rel):
@@ -141,12 +144,13 @@ def select(reports=REPORTS, per_report=PER_REPORT, field="records", seed_prefix=
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/judge_selection.jsonl")
-    ap.add_argument("--batch", choices=["first", "fresh", "fresh2", "fresh3"], default="first",
+    ap.add_argument("--batch", choices=["first", "fresh", "fresh2", "fresh3", "fresh4"], default="first",
                     help="labels.jsonl, or labels_<batch>.jsonl")
     args = ap.parse_args()
     reports, per_report, prefix = {
         "first": (REPORTS, PER_REPORT, "0"), "fresh": (FRESH_REPORTS, FRESH_PER_REPORT, "0"),
         "fresh2": (FRESH2_REPORTS, FRESH2_PER_REPORT, "fresh2"), "fresh3": (FRESH3_REPORTS, FRESH3_PER_REPORT, "fresh3"),
+        "fresh4": (FRESH4_REPORTS, FRESH3_PER_REPORT, "fresh4"),
     }[args.batch]
     rows = select(reports, per_report, seed_prefix=prefix)
     if args.batch == "fresh":
