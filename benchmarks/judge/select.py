@@ -92,12 +92,11 @@ FRESH_BENIGN_PER_REPORT = 15
 # @mid), run and labelled after the first fresh batch's figures were taken, to score the judge on answers
 # that nobody had read (harmful prompts only; its own seed prefix, so its shuffles are new ones).
 FRESH2_REPORTS = [(f"{O}/validation_p={p}_{m}@mid.json", "fresh2") for p in ("0.1", "0.2") for m in ("plain", "activation")]
-FRESH2_PER_REPORT = 30
+LATER_PER_REPORT = 30  # the second fresh batch and those after it
 # The third: the seed-1 attacks on the seed-1 open-aligned model (eval part, p = 0.1), plain and weight-only
 # `@mid`, activation-only and CWAC in the default form (`@mid_L27ps`), labelled blind.
 O1 = "benchmarks/results/open_aligned_seed1/reports"
 FRESH3_REPORTS = [(f"{O1}/p=0.1_{m}.json", "fresh3") for m in ("plain@mid", "weight@mid", "activation@mid_L27ps", "cwac@mid_L27ps")]
-FRESH3_PER_REPORT = 30
 # The fourth: the same four methods at p = 0.2, run after the model judge (classifier.py) was written, so that it
 # and the phrase judge are scored on answers neither was fit on.
 FRESH4_REPORTS = [(f"{O1}/p=0.2_{m}.json", "fresh4") for m in ("plain@mid", "weight@mid", "activation@mid_L27ps", "cwac@mid_L27ps")]
@@ -149,8 +148,8 @@ def main():
     args = ap.parse_args()
     reports, per_report, prefix = {
         "first": (REPORTS, PER_REPORT, "0"), "fresh": (FRESH_REPORTS, FRESH_PER_REPORT, "0"),
-        "fresh2": (FRESH2_REPORTS, FRESH2_PER_REPORT, "fresh2"), "fresh3": (FRESH3_REPORTS, FRESH3_PER_REPORT, "fresh3"),
-        "fresh4": (FRESH4_REPORTS, FRESH3_PER_REPORT, "fresh4"),
+        "fresh2": (FRESH2_REPORTS, LATER_PER_REPORT, "fresh2"), "fresh3": (FRESH3_REPORTS, LATER_PER_REPORT, "fresh3"),
+        "fresh4": (FRESH4_REPORTS, LATER_PER_REPORT, "fresh4"),
     }[args.batch]
     rows = select(reports, per_report, seed_prefix=prefix)
     if args.batch == "fresh":
