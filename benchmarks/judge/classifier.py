@@ -8,8 +8,10 @@ compliance (README.md here): telling them apart takes reading the content. A seq
 with the model's last-token hidden state (what `LlamaForSequenceClassification` scores); the backbone stays as
 shipped and only the 3 x d head is fit, by L2-regularised multinomial logistic regression on the labels of
 every batch but the held-out ones: seconds, where fine-tuning the backbone on ~900 answers is an hour on 2
-CPU cores, and nothing to overfit but the head. The output is a transformers text-classification model
-(labels refusal / compliance / nonsense) that `cwac eval --judge hf:DIR` and score.py read.
+CPU cores. The output is a transformers text-classification model (labels refusal / compliance / nonsense)
+that `cwac eval --judge hf:DIR` and score.py read. On SmolLM2-135M it fits its own batches (91-99%) and reads
+a held-out one worse than the phrase judge (64% against 83%, README.md here): a recipe for a larger model's
+states, not a judge to use yet.
 
 The L2 weight is the one (of --l2) with the best leave-one-batch-out agreement: the head fit on all other
 batches, scored on each batch's harmful answers in turn, with the same degenerate rules first as
