@@ -11,7 +11,8 @@
 4. attack: LoRA fine-tuning of the aligned model on a user task (number comparison) mixed with a
    fraction p of harmful prompts answered compliantly (the unaligned model's own answers), for plain
    SFT, weight-only, activation-only and CWAC, and the peers (benchmarks/peers.py): safety-data mixing
-   (10% refusals added) and SafeLoRA (post hoc): same data, seed and steps.
+   (10% refusals added), SafeLoRA (post hoc), AsFT (a penalty) and Lisa (alternating with alignment
+   steps): same data, seed and steps.
 5. eval: HS on the eval part (128 new tokens, three-verdict judge), FA on the task's test set, over-refusal
    and helpfulness on the open benign eval set (validation: on align prompts held out of alignment).
 
@@ -44,16 +45,19 @@ from cwac_plugin.eval import COMPLIANCE, evaluate, generate, phrase_judge
 from cwac_plugin.prepare import SETTINGS as ARTIFACT_SETTINGS
 from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace
 
-from peers import mixed_with_safety, safelora_project
+from peers import install_asft, install_lisa, mixed_with_safety, safelora_project
 
 METHODS = {
     "plain": None,
     "weight": {"weight_constraint": True, "activation_constraint": False},
     "activation": {"weight_constraint": False, "activation_constraint": True},
     "cwac": {"weight_constraint": True, "activation_constraint": True},
-    # peers (benchmarks/peers.py): plain LoRA training, changed before (mix) or after (safelora)
+    # peers (benchmarks/peers.py): plain LoRA training, changed in its data (mix), its loss (asft), its
+    # schedule (lisa) or after it (safelora)
     "mix": None,
     "safelora": None,
+    "asft": None,
+    "lisa": None,
 }
 SAFETY_MIX_SHARE = 0.1  # of the fine-tuning data: refusal examples, for "mix"
 HOOK_POINT = "blocks.15.hook_resid_post"  # middle of SmolLM2-135M's 30 layers
@@ -89,15 +93,19 @@ def split_harmful(harmful: dict[str, list[str]], sizes: dict[str, int], rng: ran
     return parts
 
 
-def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, constraints=None):
-    """The example's LoRA SFT (prepare.lora_sft), with the constraints installed as the Axolotl plugin does."""
-    def install_constraints(trainer):
+def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, constraints=None, peer=None):
+    """The example's LoRA SFT (prepare.lora_sft), with the constraints installed as the Axolotl plugin does,
+    or a peer's change to the trainer (`peer(trainer)`)."""
+    def before_training(trainer):
         from cwac_plugin.hf import install
 
-        weight, activation = constraints(trainer)
-        install(trainer, weight=weight, activation=activation)
+        if constraints is not None:
+            weight, activation = constraints(trainer)
+            install(trainer, weight=weight, activation=activation)
+        if peer is not None:
+            peer(trainer)
 
-    return prepare.lora_sft(model, tokenizer, examples, out, steps, lr, seed, before_training=install_constraints if constraints else None)
+    return prepare.lora_sft(model, tokenizer, examples, out, steps, lr, seed, before_training=before_training)
 
 
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
@@ -230,15 +238,17 @@ def main() -> None:
     })
     def record_seconds(key: str, artifact: str, start: float) -> None:
         results.setdefault(tagged("artifact_seconds", key), {})[artifact] = round(time.perf_counter() - start, 1)
+    # only the constraints read the artifacts: a run of plain SFT and the peers alone makes none
+    uses = {key for method in args.methods for key, on in (METHODS[method] or {}).items() if on}
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
-    if Path(cwac.subspace).exists():  # skipped on a rerun, so it must be from these settings
+    if "weight_constraint" in uses and Path(cwac.subspace).exists():  # skipped on a rerun: must be these settings
         check_settings_match(Subspace.load(cwac.subspace), cwac)
-    else:
+    elif "weight_constraint" in uses:
         start = time.perf_counter()
         subspace = compute_subspace(model, tokenizer, cwac, 192, SubspaceData(safety, benign_align))
         subspace.save(cwac.subspace)
         record_seconds(artifact_key("subspace"), "subspace", start)
-    if not Path(cwac.features).exists():
+    if "activation_constraint" in uses and not Path(cwac.features).exists():
         from cwac_plugin.sae import load_sae, select_features, train_sae
 
         start = time.perf_counter()
@@ -267,6 +277,7 @@ def main() -> None:
             peft_model, elapsed, log_history = lora_train(
                 model, tokenizer, train, work / "runs" / aligned_dir.name / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
                 constraints=None if settings is None else make_constraints(settings, safety, tokenizer),
+                peer=training_peer(method, work / "unaligned", aligned_dir, safety, args.seed),
             )
             peer = {}
             if method == "safelora":  # post hoc, with the reference's defaults (10 modules)
@@ -293,6 +304,20 @@ def main() -> None:
         "seed": args.seed, "cwac": cwac.model_dump(mode="json"),
     }
     write_json_atomically(results_path, results)
+
+
+def training_peer(method: str, unaligned_dir: Path, aligned_dir: Path, safety: list[Example], seed: int):
+    """The change a peer makes to the trainer, with its reference's defaults; None for the others."""
+    from transformers import AutoModelForCausalLM
+
+    if method == "asft":  # lambda 1 (the reference's AsFT_reg1)
+        def load(model_dir):
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+        return lambda trainer: install_asft(trainer, load(unaligned_dir), load(aligned_dir), lam=1.0)
+    if method == "lisa":  # rho 1; alignment data: the align set's refusals, as for "mix"
+        return lambda trainer: install_lisa(trainer, safety, seed, alignment_steps=1, finetune_steps=9, rho=1.0)
+    return None
 
 
 def make_constraints(settings: CWACConfig, safety: list[Example], tokenizer):

@@ -16,10 +16,10 @@ from pathlib import Path
 from cwac_plugin.report import pct, pyplot
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["plain", "weight", "activation", "cwac", "mix", "safelora"]
+METHODS = ["plain", "weight", "activation", "cwac", "mix", "safelora", "asft", "lisa"]
 COLOURS = {
     "plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red", "mix": "tab:purple",
-    "safelora": "tab:brown",
+    "safelora": "tab:brown", "asft": "tab:pink", "lisa": "tab:olive",
 }
 
 
