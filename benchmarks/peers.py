@@ -12,9 +12,10 @@ module name instead of by parameter order; C B is computed as V (V^T B) / ||V||_
 d_out x d_out matrix C; everything in float32.
 
 AsFT (Yang et al. 2025, "AsFT: Anchoring Safety During LLM Fine-Tuning Within Narrow Safety Basin";
-reference code PKU-YuanGroup/AsFT at 07b606e, `utils/AsFT_train_utils.py`): the task loss plus
-lambda * sum over LoRA modules of ||(I - C) B A||_F^2, with SafeLoRA's C (the reference builds it with
-SafeLoRA's own `get_aligned_matrix`), lambda 1 (its `AsFT_reg1` scripts). As in the reference, B A carries
+reference code PKU-YuanGroup/AsFT at 07b606e, Llama 2 Community License, read and not copied;
+`utils/AsFT_train_utils.py`): the task loss plus lambda * sum over LoRA modules of ||(I - C) B A||_F^2,
+with SafeLoRA's C (built by a copy of SafeLoRA's `get_aligned_matrix` in `AsFT_finetuning.py`), lambda 1
+(its `AsFT_reg1` scripts). As in the reference, B A carries
 no LoRA scaling and C is not a projection: its one non-zero eigenvalue per direction of V is that direction's
 singular value squared over ||V||_F, so where the alignment moved a module little the term is close to
 plain weight decay on B A. Deviations: the term is computed as the sum of (M^T M) * (A A^T), M = B - C B (r x r
@@ -26,8 +27,24 @@ Attack"; reference code git-disl/Lisa at 68e3659, `trainer.py` LisaTrainer, Apac
 alternates between states: `alignment_steps` steps on alignment data, then `finetune_steps` on the user's
 (the alignment steps take the place of user batches, so the step count is the same), each state's loss plus
 rho/2 ||w - w_other||^2 towards the other state's last iterate once 10% of the steps are done; rho 1.
-Deviation: the reference's cycle is 100 alignment + 900 fine-tuning steps out of ~20 000; the benchmark's
-attack has 30 steps, so the cycle is 1 + 9 (the same 10% share of alignment steps, 3 cycles).
+Deviations: the reference's cycle is 100 alignment + 900 fine-tuning steps out of ~20 000; the benchmark's
+attack has 30 steps, so the cycle is 1 + 9 (the same 10% share of alignment steps, 3 cycles), and the
+proximal term, on after 10% of the steps as there, starts inside the first cycle (step 4) where the
+reference's starts after two whole cycles. Its alignment data are the reference's kind (BeaverTails_safe:
+harmful prompts with safe answers): the benchmark's alignment refusals, without the benign answers that its
+alignment also had. 10% of the steps is of `max_steps` (the reference: of dataloader length x epochs, the
+same number there).
+
+The hyperparameters are the references' values, not their effect, on the benchmark's adapter (r 16, alpha
+32 on all 210 linear modules of SmolLM2-135M): SafeLoRA's 10 modules are 5% of them; AsFT's reference adapter
+is r 8, alpha 32 on q and v only, so its lambda 1 on the unscaled B A weighs the applied update (scale 2 here,
+4 there) differently, summed over 3.3 times as many modules. Not tuned here: each peer runs as its
+reference's scripts configure it, as CWAC runs with its defaults.
+
+SafeTune (a pip library with Lisa, AsFT and SafeLoRA among others) was read, not used: it needs Python 3.12
+and its licence (Lexsi Labs Source Available) forbids commercial use, where this project is Apache-2.0; a
+reading found it departing from the references (Lisa's proximal start and defaults, AsFT's V taken from the
+model being trained, SafeLoRA's threshold mode by default).
 """
 
 from __future__ import annotations
@@ -66,14 +83,17 @@ def safelora_project(
     peft_model: nn.Module,
     base_model: nn.Module,
     aligned_model: nn.Module,
-    num_proj_layers: int | None = 10,
+    num_proj_layers: int | None = None,
     threshold: float | None = None,
 ) -> dict:
-    """Project the fine-tuned adapter in place; returns each module's cosine and which were projected."""
-    if (num_proj_layers is None) == (threshold is None):
-        raise ValueError("pass one of num_proj_layers (the reference's default mode) or threshold")
-    if num_proj_layers is not None and num_proj_layers < 1:
-        raise ValueError("num_proj_layers must be at least 1")
+    """Project the fine-tuned adapter in place; returns each module's cosine and which were projected.
+    With neither `num_proj_layers` nor `threshold`, the reference's default: the 10 least similar modules."""
+    if num_proj_layers is not None and threshold is not None:
+        raise ValueError("pass num_proj_layers (the reference's default mode) or threshold, not both")
+    if threshold is None:
+        num_proj_layers = 10 if num_proj_layers is None else num_proj_layers
+        if num_proj_layers < 1:
+            raise ValueError("num_proj_layers must be at least 1")
     directions = alignment_directions(peft_model, base_model, aligned_model)
     projected_b, cosines = {}, {}
     for name, module in _lora_modules(peft_model).items():
@@ -122,7 +142,15 @@ def asft_penalty(peft_model: nn.Module, directions: dict[str, torch.Tensor], lam
     return lam * total
 
 
+def one_micro_batch_per_step(trainer, peer: str) -> None:
+    """The peers add their terms to each micro-batch's loss undivided, as their references do with no
+    gradient accumulation: with accumulation they would weigh more than the task loss."""
+    if trainer.args.gradient_accumulation_steps != 1:
+        raise ValueError(f"{peer} here assumes gradient_accumulation_steps 1, got {trainer.args.gradient_accumulation_steps}")
+
+
 def install_asft(trainer, base_model: nn.Module, aligned_model: nn.Module, lam: float = 1.0) -> None:
+    one_micro_batch_per_step(trainer, "AsFT")
     directions = alignment_directions(trainer.model, base_model, aligned_model)
 
     def compute_loss(original, model, inputs, return_outputs=False, **kwargs):
@@ -178,6 +206,8 @@ class Lisa:
 
 def alignment_batches(examples: list, batch_size: int, collate, device, seed: int) -> Iterator:
     """Batches of `examples` without end, reshuffled each pass (the reference's RandomSampler loader)."""
+    if len(examples) < batch_size:
+        raise ValueError(f"{len(examples)} alignment examples do not fill one batch of {batch_size}")
     rng = random.Random(seed)
     while True:
         order = rng.sample(examples, len(examples))
@@ -186,6 +216,9 @@ def alignment_batches(examples: list, batch_size: int, collate, device, seed: in
 
 
 def install_lisa(trainer, alignment: list, seed: int, **settings) -> Lisa:
+    one_micro_batch_per_step(trainer, "Lisa")
+    if trainer.args.max_steps <= 0:  # the 10% that switches the proximal term on is of max_steps
+        raise ValueError("Lisa here needs max_steps set")
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     batches = alignment_batches(alignment, trainer.args.per_device_train_batch_size, trainer.data_collator, trainer.args.device, seed)
     lisa = Lisa(params, batches, trainer.args.max_steps, **settings)

@@ -10,7 +10,15 @@ import torch
 from test_projection import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from peers import Lisa, alignment_directions, asft_penalty, install_asft, mixed_with_safety, safelora_project
+from peers import (
+    Lisa,
+    alignment_directions,
+    asft_penalty,
+    install_asft,
+    install_lisa,
+    mixed_with_safety,
+    safelora_project,
+)
 
 
 def lora_trained(model):
@@ -61,6 +69,54 @@ def test_safelora_replaces_b_by_c_b_in_the_least_similar_modules_only():
         assert torch.equal(modules[name].lora_A["default"].weight, a)  # A is never touched
 
 
+def test_safelora_threshold_mode_projects_every_module_at_or_below_it():
+    base, aligned = base_and_aligned()
+    cosines = safelora_project(lora_trained(tiny_llama(seed=0)), base, aligned, num_proj_layers=6)["cosines"]
+    threshold = sorted(cosines.values())[3]
+    result = safelora_project(lora_trained(tiny_llama(seed=0)), base, aligned, threshold=threshold)
+    assert sorted(result["projected"]) == sorted(name for name, cos in cosines.items() if cos <= threshold)
+    assert len(result["projected"]) == 4
+    with pytest.raises(ValueError, match="not both"):
+        safelora_project(lora_trained(tiny_llama(seed=0)), base, aligned, num_proj_layers=3, threshold=0.5)
+
+
+def test_lisa_through_the_trainer_trains_on_alignment_batches_in_place_of_user_ones(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    def example(marker):  # the first token says whose batch reached the loss
+        ids = torch.tensor([marker] + [5] * 7)
+        return {"input_ids": ids, "labels": ids}
+
+    def collate(rows):
+        return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=10, learning_rate=1e-2, report_to=[],
+        use_cpu=True, save_strategy="no", logging_steps=100, remove_unused_columns=False,
+    )
+    model = lora_trained(tiny_llama(seed=0))
+    trainer = Trainer(model=model, args=args, train_dataset=[example(1) for _ in range(40)], data_collator=collate)
+    seen, task_losses = [], []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, **kwargs):
+        seen.append(int(inputs["input_ids"][0, 0]))
+        task_losses.append(original(model, inputs, **kwargs))
+        return task_losses[-1]
+
+    trainer.compute_loss = spy
+    lisa = install_lisa(trainer, [example(2) for _ in range(6)], seed=0, alignment_steps=1, finetune_steps=4, rho=1.0)
+    initial = {n: p.detach().clone() for n, p in lisa.params.items()}
+    trainer.train()
+
+    assert seen == [2, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+    assert lisa.steps == 10 and lisa.status == "finetune"
+    assert any(not torch.equal(p, initial[n]) for n, p in lisa.params.items())  # the optimizer stepped them
+    trainer.args.gradient_accumulation_steps = 2
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 1"):
+        install_lisa(trainer, [example(2) for _ in range(6)], seed=0)
+
+
 def test_safety_mixing_adds_the_share_asked():
     mix, safety = list(range(90)), [f"refusal {i}" for i in range(50)]
     mixed = mixed_with_safety(mix, safety, 0.1, random.Random(0))
@@ -82,9 +138,13 @@ def test_asft_penalty_is_the_references_and_reaches_the_trainer_loss():
         torch.norm(m.lora_B["default"].weight @ m.lora_A["default"].weight) ** 2
         for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
     assert abs(expected - weight_decay) > 0.05 * weight_decay
+    # a module the alignment left alone (V = 0, the reference's C NaN): C = 0, its whole update penalised
+    untouched = {name: torch.zeros_like(v) for name, v in alignment_directions(peft_model, base, aligned).items()}
+    assert asft_penalty(peft_model, untouched, lam=2.0).item() == pytest.approx(weight_decay.item(), rel=1e-5)
 
     class Trainer:  # the part of the HF Trainer that install_asft touches
         model = peft_model
+        args = type("Args", (), {"gradient_accumulation_steps": 1})
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return torch.tensor(1.5)
