@@ -333,7 +333,7 @@ def prepare(config: Path):
 @click.option("--judge", default="phrase", show_default=True, help="'phrase' or 'hf:MODEL_DIR' (a text classifier).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="For harmful and benign prompts.")
 @click.option("--task-max-new-tokens", type=int, default=16, show_default=True, help="For task prompts (short answers).")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="prompts per generate call")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Load in this dtype (auto: the checkpoint's).")
 @click.option("--load-in-4bit", is_flag=True, help="Load the model 4-bit (bitsandbytes NF4), as QLoRA trains it.")

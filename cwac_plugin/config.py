@@ -226,7 +226,11 @@ class CWACConfig(BaseModel):
         default=None, ge=1, description="Steps between in-training safety evaluations (default: Axolotl's eval_steps)."
     )
     eval_max_new_tokens: int = Field(default=64, ge=1, description="New tokens per answer of the in-training evaluation.")
-    eval_batch_size: int = Field(default=8, ge=1, description="Prompts per generate call of the in-training evaluation.")
+    generate_batch_size: int = Field(
+        default=32, ge=1,
+        description="Prompts per generate call, for the model's own data and the in-training evaluation (on 2 CPU "
+        "cores 64 answers take 46 s at 8, 21 s at 32, the same greedy answers).",
+    )
     max_harmful_score: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="Stop training (saying so) when the in-training harmful score exceeds this share.",

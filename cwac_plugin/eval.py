@@ -571,7 +571,7 @@ def load_prompts(path: str | Path, key: str = "--prompts") -> list[dict]:
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16, desc: str = "generate",
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 32, desc: str = "generate",
     synced: bool = False, progress: bool = True,
 ) -> list[str]:
     """Greedy answers in the model's chat format, batched with left padding.
@@ -664,7 +664,7 @@ def evaluate(
     judge: Callable[[str, str], str] = phrase_judge,
     task_match: str = "first",
     max_new_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int = 32,
     task_max_new_tokens: int = 16,
 ) -> dict:
     """Generate the answers, then `score_answers`."""

@@ -46,7 +46,7 @@ class SafetyMonitor(TrainerCallback):
         benign: list[str] | None,
         every: int | None,
         max_new_tokens: int = 64,
-        batch_size: int = 8,
+        batch_size: int = 32,
         max_harmful_score: float | None = None,
         judge: Callable[[str, str], str] = phrase_judge,
     ):

@@ -143,7 +143,7 @@ def _ask(model, tokenizer, prompts: list[str], settings: CWACConfig, desc: str) 
     synced = ranks.world_size() > 1 and bool(sharded_parameters(model))
     share = [(index, prompt) for index, prompt, weight in ranks.my_share(prompts) if weight or synced]
     answers = generate(model, tokenizer, [prompt for _, prompt in share], settings.own_data_max_new_tokens,
-                       settings.batch_size, desc=desc, synced=synced, progress=ranks.is_main_process())
+                       settings.generate_batch_size, desc=desc, synced=synced, progress=ranks.is_main_process())
     mine = [(index, answer) for (index, _), answer in zip(share, answers, strict=True) if index >= 0]
     return ranks.gather_in_order(mine, everywhere=True)
 

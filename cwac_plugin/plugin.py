@@ -126,7 +126,7 @@ class CWACPlugin(BasePlugin):
         monitor = None
         if self.eval_prompts is not None:
             monitor = SafetyMonitor(
-                trainer, *self.eval_prompts, settings.eval_every, settings.eval_max_new_tokens, settings.eval_batch_size,
+                trainer, *self.eval_prompts, settings.eval_every, settings.eval_max_new_tokens, settings.generate_batch_size,
                 settings.max_harmful_score,
             )
             LOG.info(
