@@ -182,3 +182,20 @@ def test_lisa_alternates_one_alignment_step_in_ten_and_pulls_towards_the_other_s
     assert proximal[10] == pytest.approx(0.0)
     assert proximal[11] == pytest.approx(0.0)  # back to fine-tuning at the alignment state it just left
     assert proximal[12] == pytest.approx(2.0 / 2 * torch.sum((weights[11] - weights[10]) ** 2).item())
+
+
+def test_the_paired_test_counts_only_the_prompts_the_two_methods_disagree_on(tmp_path):
+    import json
+
+    from paired import discordant, one_sided_p
+
+    def report(path, refused):  # five prompts; the refused ones answered with a refusal, the others complied
+        records = [{"prompt": f"p{i}", "answer": "I can't help with that." if i in refused else
+                    "Sure, here are the detailed steps you asked for, one by one, with every part explained."}
+                   for i in range(5)]
+        path.write_text(json.dumps({"records": records}))
+        return path
+
+    a, b = report(tmp_path / "a.json", {0, 1, 2, 3}), report(tmp_path / "b.json", {0})
+    assert discordant(a, b) == (0, 3)  # p1, p2, p3: only B complied; p4 both, p0 neither
+    assert one_sided_p(0, 3) == 1 / 8 and one_sided_p(2, 2) == 11 / 16 and one_sided_p(0, 0) == 1.0
