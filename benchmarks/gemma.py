@@ -8,8 +8,8 @@ data/GEMMA_TERMS.html). Transformers 5 dequantises its weights correctly but not
 ("The capital" -> T, h, e, ▁, c, ...) and the model, fed one character a token, answers "is is is ...".
 The merges are rebuilt here from the vocabulary's scores, as transformers does for a SentencePiece model
 (`generate_merges`), with the GGUF's control tokens kept special. The checkpoint also gets Gemma's chat
-template (a base model has none; the benchmark teaches it the format), which starts with <bos>: Gemma
-without it degenerates as badly.
+template (a base model has none, and does not follow this one until fine-tuned on it), which starts with
+<bos>: Gemma without it degenerates as badly.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def gguf_tokenizer(tokens: list[str], scores: list[float], types: list[int]):
     # as transformers' GGUF converter: runs of spaces are stored as spaces, the normaliser makes them ▁
     pieces = ["▁" * len(t) if t and not t.strip(" ") else "\t" if t == "<0x09>" else t for t in tokens]
     vocab = {piece: i for i, piece in enumerate(pieces)}
+    if len(vocab) != len(pieces):  # two pieces mapped alike would shift every id after them
+        raise ValueError(f"the GGUF vocabulary has {len(pieces) - len(vocab)} duplicate pieces after the space mapping")
     skip = [piece for piece, kind in zip(pieces, types) if kind != NORMAL]
     merges = generate_merges(vocab, list(zip(pieces, scores)), skip_tokens=skip)
     control = [piece for piece, kind in zip(pieces, types) if kind == CONTROL and not piece.startswith("<unused")]
@@ -91,7 +93,7 @@ def convert(cache: Path, out: Path) -> None:
     gguf = assemble_gguf(cache)
     tokenizer = gguf_tokenizer(*read_gguf_vocabulary(gguf))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)

@@ -63,6 +63,7 @@ SAFETY_MIX_SHARE = 0.1  # of the fine-tuning data: refusal examples, for "mix"
 HOOK_POINT = "blocks.15.hook_resid_post"  # middle of SmolLM2-135M's 30 layers
 DATA = ROOT / "benchmarks" / "data"
 BENIGN_VALIDATION = 40  # open align prompts held out of alignment, for choosing the recipe
+EVAL_BATCH = 16  # prompts per generate call of every recorded eval (32, `cwac eval`'s default, gives the same answers)
 
 
 def tagged(name: str, tag: str, separator: str = "@") -> str:
@@ -110,8 +111,8 @@ def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, see
 
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
     task = [{"prompt": e.prompt, "answer": e.response} for e in data["task_test"]]
-    # batches of 16, as every recorded run (32 gives the same answers and is faster: `cwac eval`'s default now)
-    return evaluate(model, tokenizer, data["eval"][:n_eval], task, data["benign_eval"], task_max_new_tokens=8, batch_size=16)
+    return evaluate(model, tokenizer, data["eval"][:n_eval], task, data["benign_eval"], task_max_new_tokens=8,
+                    batch_size=EVAL_BATCH)
 
 
 SUMMARY_KEYS = ("harmful_score", "harmful_refusal_rate", "harmful_degenerate_rate", "fine_tune_accuracy", "over_refusal",
@@ -241,7 +242,7 @@ def main() -> None:
         results.setdefault(tagged("artifact_seconds", key), {})[artifact] = round(time.perf_counter() - start, 1)
     # only the constraints read the artifacts: a run of plain SFT and the peers alone makes none
     uses = {key for method in args.methods for key, on in (METHODS[method] or {}).items() if on}
-    model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32) if uses else None
     if "weight_constraint" in uses and Path(cwac.subspace).exists():  # skipped on a rerun: must be these settings
         check_settings_match(Subspace.load(cwac.subspace), cwac)
     elif "weight_constraint" in uses:
@@ -301,7 +302,7 @@ def main() -> None:
             write_json_atomically(results_path, results)
             print(key, results["runs"][key], flush=True)
     results["config"] = {
-        "batch_size": 8, "lora_r": 16,  # attack steps and learning rate: per run
+        "batch_size": 8, "lora_r": 16, "eval_batch": EVAL_BATCH,  # attack steps and learning rate: per run
         "seed": args.seed, "cwac": cwac.model_dump(mode="json"),
     }
     write_json_atomically(results_path, results)

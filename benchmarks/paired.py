@@ -1,7 +1,7 @@
 """Is method A's harmful score below method B's beyond chance? Paired on the same prompts (exact McNemar).
 
-    python benchmarks/paired.py results/open_aligned_seed1/reports/p=0.1_cwac@mid_L27ps.json \
-        results/open_aligned_seed1/reports/p=0.1_mix@mid.json [A2 B2 ...]
+    python benchmarks/paired.py benchmarks/results/open_aligned_seed1/reports/p=0.1_cwac@mid_L27ps.json \
+        benchmarks/results/open_aligned_seed1/reports/p=0.1_mix@mid.json [A2 B2 ...]
 
 Both reports answer the same harmful prompts, so what differs between them is the prompts one complied with
 and the other did not: b (A complied, B did not) and c (B complied, A did not). Under "no difference" each
@@ -23,7 +23,10 @@ from cwac_plugin.report import rejudged
 
 def complied(report_path: Path) -> dict[str, bool]:
     records = rejudged(json.loads(report_path.read_text()))["records"]
-    return {r["prompt"]: r["verdict"] == COMPLIANCE for r in records}
+    verdicts = {r["prompt"]: r["verdict"] == COMPLIANCE for r in records}
+    if len(verdicts) != len(records):
+        raise SystemExit(f"{report_path} asks a prompt twice: its answers cannot be paired by prompt")
+    return verdicts
 
 
 def discordant(a: Path, b: Path) -> tuple[int, int]:

@@ -18,7 +18,10 @@ with SafeLoRA's C (built by a copy of SafeLoRA's `get_aligned_matrix` in `AsFT_f
 (its `AsFT_reg1` scripts). As in the reference, B A carries
 no LoRA scaling and C is not a projection: its one non-zero eigenvalue per direction of V is that direction's
 singular value squared over ||V||_F, so where the alignment moved a module little the term is close to
-plain weight decay on B A. Deviations: the term is computed as the sum of (M^T M) * (A A^T), M = B - C B (r x r
+plain weight decay on B A, and where it moved a module much (an eigenvalue above 2) the term penalises
+updates along the alignment's directions more than weight decay would. On the benchmark's seed-1 aligned
+model the largest eigenvalue of C per module has a median of 0.38 and a maximum of 2.8 (210 modules).
+Deviations: the term is computed as the sum of (M^T M) * (A A^T), M = B - C B (r x r
 products, the same number) instead of forming the d_out x d_out C and B A; a module the alignment left alone
 (V = 0, where the reference's C is NaN) gets C = 0; modules paired by name.
 
@@ -132,10 +135,15 @@ def wrap_compute_loss(trainer, wrapper) -> None:
     trainer.compute_loss = functools.partial(wrapper, trainer.compute_loss)
 
 
-def asft_penalty(peft_model: nn.Module, directions: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
-    """lambda * sum ||(I - C) B A||_F^2 over the LoRA modules."""
+def plus(result, term, return_outputs: bool):
+    """compute_loss's result (the loss, or the loss and the outputs) with `term` added to the loss."""
+    return (result[0] + term, *result[1:]) if return_outputs else result + term
+
+
+def asft_penalty(modules: dict[str, nn.Module], directions: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """lambda * sum ||(I - C) B A||_F^2 over the LoRA modules (`_lora_modules`)."""
     total = 0.0
-    for name, module in _lora_modules(peft_model).items():
+    for name, module in modules.items():
         a, b = module.lora_A["default"].weight.float(), module.lora_B["default"].weight.float()
         m = b - c_times(directions[name], b)
         total = total + ((m.T @ m) * (a @ a.T)).sum()
@@ -146,19 +154,20 @@ def one_micro_batch_per_step(trainer, peer: str) -> None:
     """The peers add their terms to each micro-batch's loss undivided, as their references do with no
     gradient accumulation: with accumulation they would weigh more than the task loss."""
     if trainer.args.gradient_accumulation_steps != 1:
-        raise ValueError(f"{peer} here assumes gradient_accumulation_steps 1, got {trainer.args.gradient_accumulation_steps}")
+        raise ValueError(
+            f"{peer} here assumes gradient_accumulation_steps 1, got {trainer.args.gradient_accumulation_steps}: "
+            "set gradient_accumulation_steps=1 in the TrainingArguments"
+        )
 
 
 def install_asft(trainer, base_model: nn.Module, aligned_model: nn.Module, lam: float = 1.0) -> None:
     one_micro_batch_per_step(trainer, "AsFT")
     directions = alignment_directions(trainer.model, base_model, aligned_model)
+    modules = _lora_modules(trainer.model)  # found once, on the model before any wrapper the Trainer adds
 
     def compute_loss(original, model, inputs, return_outputs=False, **kwargs):
         result = original(model, inputs, return_outputs=return_outputs, **kwargs)
-        if not model.training:
-            return result
-        penalty = asft_penalty(model, directions, lam)
-        return (result[0] + penalty, *result[1:]) if return_outputs else result + penalty
+        return plus(result, asft_penalty(modules, directions, lam), return_outputs) if model.training else result
 
     wrap_compute_loss(trainer, compute_loss)
 
@@ -218,7 +227,7 @@ def alignment_batches(examples: list, batch_size: int, collate, device, seed: in
 def install_lisa(trainer, alignment: list, seed: int, **settings) -> Lisa:
     one_micro_batch_per_step(trainer, "Lisa")
     if trainer.args.max_steps <= 0:  # the 10% that switches the proximal term on is of max_steps
-        raise ValueError("Lisa here needs max_steps set")
+        raise ValueError("Lisa here needs max_steps: set max_steps in the TrainingArguments")
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     batches = alignment_batches(alignment, trainer.args.per_device_train_batch_size, trainer.data_collator, trainer.args.device, seed)
     lisa = Lisa(params, batches, trainer.args.max_steps, **settings)
@@ -233,7 +242,7 @@ def install_lisa(trainer, alignment: list, seed: int, **settings) -> Lisa:
         result = original(model, inputs, return_outputs=return_outputs, **kwargs)
         proximal = lisa.proximal()
         lisa.stepped()
-        return (result[0] + proximal, *result[1:]) if return_outputs else result + proximal
+        return plus(result, proximal, return_outputs)
 
     wrap_compute_loss(trainer, compute_loss)
     return lisa

@@ -228,13 +228,24 @@ class CWACConfig(BaseModel):
     eval_max_new_tokens: int = Field(default=64, ge=1, description="New tokens per answer of the in-training evaluation.")
     generate_batch_size: int = Field(
         default=32, ge=1,
-        description="Prompts per generate call, for the model's own data and the in-training evaluation (on 2 CPU "
-        "cores 64 answers take 46 s at 8, 21 s at 32, the same greedy answers).",
+        description="Prompts per generate call, for the model's own data and the in-training evaluation (SmolLM2 in "
+        "float32 on 2 CPU cores: 64 answers in 46 s at 8, 21 s at 32, the same greedy answers). Lower it if "
+        "generation runs out of memory: the KV cache grows with it.",
     )
     max_harmful_score: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="Stop training (saying so) when the in-training harmful score exceeds this share.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        if isinstance(data, dict) and "eval_batch_size" in data:
+            raise ValueError(
+                "cwac.eval_batch_size was renamed cwac.generate_batch_size (it now also batches `cwac prepare`'s "
+                "own-data answers): rename the key"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_consistency(self) -> CWACConfig:

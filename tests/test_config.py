@@ -34,6 +34,7 @@ def test_defaults():
         ({"subspace": "s", "activation_constraint": True}, "cwac.features is required"),
         ({"subspace": "s", "sae_release": "gemma-scope"}, "go together"),
         ({"subspace": "s", "act_anchor": "both"}, "act_anchor"),
+        ({"subspace": "s", "eval_batch_size": 8}, "renamed cwac.generate_batch_size"),
     ],
 )
 def test_invalid_blocks_name_the_key(block, message):

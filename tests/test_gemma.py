@@ -10,6 +10,7 @@ from gemma import CONTROL, NORMAL, USER_DEFINED, gguf_tokenizer
 PIECES = [
     ("<pad>", CONTROL), ("<eos>", CONTROL), ("<bos>", CONTROL), ("<unk>", CONTROL),
     ("<start_of_turn>", CONTROL), ("<end_of_turn>", CONTROL), ("\n", USER_DEFINED), ("\n\n", USER_DEFINED),
+    ("  ", USER_DEFINED),  # a run of spaces, stored as spaces in the GGUF
     ("▁", NORMAL), ("h", NORMAL), ("o", NORMAL), ("n", NORMAL), ("e", NORMAL), ("y", NORMAL),
     ("ho", NORMAL), ("ey", NORMAL), ("hon", NORMAL), ("honey", NORMAL), ("▁honey", NORMAL),
 ]
@@ -26,7 +27,9 @@ def test_words_are_whole_pieces_and_the_turn_tokens_special():
     assert tok.convert_ids_to_tokens(ids) == ["<bos>", "honey", "▁honey", "\n\n", "honey"]
     assert tok.decode(ids, skip_special_tokens=True) == "honey honey\n\nhoney"
     turn = tok("<start_of_turn>honey<end_of_turn>", add_special_tokens=False).input_ids
-    assert turn == [4, 17, 5]
+    assert turn == [4, 18, 5]
+    spaced = tok("honey  honey", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(spaced) == ["honey", "▁▁", "honey"] and spaced[1] == 8
 
 
 def test_the_chat_template_starts_with_bos_and_ends_turns_with_end_of_turn():

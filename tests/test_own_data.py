@@ -32,6 +32,7 @@ def answering(monkeypatch):
         harmful = set(own_data.shipped_prompts("harmful"))
 
         def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, synced, progress):
+            assert batch_size == 32  # generate_batch_size's default, not the subspace's batch_size (8)
             answers = []
             for n, prompt in enumerate(prompts):
                 if prompt in harmful:

@@ -96,13 +96,12 @@ def test_lisa_through_the_trainer_trains_on_alignment_batches_in_place_of_user_o
     )
     model = lora_trained(tiny_llama(seed=0))
     trainer = Trainer(model=model, args=args, train_dataset=[example(1) for _ in range(40)], data_collator=collate)
-    seen, task_losses = [], []
+    seen = []
     original = trainer.compute_loss
 
     def spy(model, inputs, **kwargs):
         seen.append(int(inputs["input_ids"][0, 0]))
-        task_losses.append(original(model, inputs, **kwargs))
-        return task_losses[-1]
+        return original(model, inputs, **kwargs)
 
     trainer.compute_loss = spy
     lisa = install_lisa(trainer, [example(2) for _ in range(6)], seed=0, alignment_steps=1, finetune_steps=4, rho=1.0)
@@ -132,7 +131,8 @@ def test_asft_penalty_is_the_references_and_reaches_the_trainer_loss():
             delta_w = module.lora_B["default"].weight @ module.lora_A["default"].weight
             c = reference_c(base, aligned, name)
             expected += 2.0 * torch.norm((torch.eye(c.shape[0]) - c) @ delta_w, p="fro") ** 2
-    penalty = asft_penalty(peft_model, alignment_directions(peft_model, base, aligned), lam=2.0)
+    modules = {name: m for name, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    penalty = asft_penalty(modules, alignment_directions(peft_model, base, aligned), lam=2.0)
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
     weight_decay = 2.0 * sum(  # what the term would be with C = 0: it must not be that
         torch.norm(m.lora_B["default"].weight @ m.lora_A["default"].weight) ** 2
@@ -140,7 +140,7 @@ def test_asft_penalty_is_the_references_and_reaches_the_trainer_loss():
     assert abs(expected - weight_decay) > 0.05 * weight_decay
     # a module the alignment left alone (V = 0, the reference's C NaN): C = 0, its whole update penalised
     untouched = {name: torch.zeros_like(v) for name, v in alignment_directions(peft_model, base, aligned).items()}
-    assert asft_penalty(peft_model, untouched, lam=2.0).item() == pytest.approx(weight_decay.item(), rel=1e-5)
+    assert asft_penalty(modules, untouched, lam=2.0).item() == pytest.approx(weight_decay.item(), rel=1e-5)
 
     class Trainer:  # the part of the HF Trainer that install_asft touches
         model = peft_model
@@ -183,19 +183,3 @@ def test_lisa_alternates_one_alignment_step_in_ten_and_pulls_towards_the_other_s
     assert proximal[11] == pytest.approx(0.0)  # back to fine-tuning at the alignment state it just left
     assert proximal[12] == pytest.approx(2.0 / 2 * torch.sum((weights[11] - weights[10]) ** 2).item())
 
-
-def test_the_paired_test_counts_only_the_prompts_the_two_methods_disagree_on(tmp_path):
-    import json
-
-    from paired import discordant, one_sided_p
-
-    def report(path, refused):  # five prompts; the refused ones answered with a refusal, the others complied
-        records = [{"prompt": f"p{i}", "answer": "I can't help with that." if i in refused else
-                    "Sure, here are the detailed steps you asked for, one by one, with every part explained."}
-                   for i in range(5)]
-        path.write_text(json.dumps({"records": records}))
-        return path
-
-    a, b = report(tmp_path / "a.json", {0, 1, 2, 3}), report(tmp_path / "b.json", {0})
-    assert discordant(a, b) == (0, 3)  # p1, p2, p3: only B complied; p4 both, p0 neither
-    assert one_sided_p(0, 3) == 1 / 8 and one_sided_p(2, 2) == 11 / 16 and one_sided_p(0, 0) == 1.0

@@ -154,7 +154,7 @@ def align(unaligned: Path, out: Path, harmful: list[str], benign: list[str], see
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(unaligned)
     model = AutoModelForCausalLM.from_pretrained(unaligned, dtype=torch.float32)
-    answers = generate(model, tokenizer, benign, answer_tokens, 32, "the unaligned model's benign answers")
+    answers = generate(model, tokenizer, benign, answer_tokens, desc="the unaligned model's benign answers")
     helpful = [Example(p, a) for p, a in zip(benign, answers) if phrase_judge(p, a) == COMPLIANCE and on_topic(p, a)]
     rng = random.Random(seed)
     refusals = [r["response"] for r in read_jsonl(REFUSALS)]
