@@ -264,14 +264,22 @@ def main() -> None:
     write_json_atomically(results_path, results)
 
     # 4-5. attack and evaluate -----------------------------------------------------------------
+    def run_key(ratio: float, method: str) -> str:
+        return f"p={ratio}/{tagged(method, args.tag)}"
+
+    todo = [run_key(ratio, method) for ratio in args.ratios for method in args.methods if run_key(ratio, method) not in results["runs"]]
+    timed = sorted(run["run_seconds"] for run in results["runs"].values() if "run_seconds" in run)
+    estimate = f", about {len(todo) * timed[len(timed) // 2] / 60:.0f} min at the median run so far" if timed and todo else ""
+    print(f"{len(todo)} runs to do{estimate}" + (f": {', '.join(todo)}" if todo else ""), flush=True)
     for ratio in args.ratios:
         n_harmful = round(ratio * len(data["task_train"]) / (1 - ratio))
         mix = data["task_train"] + random.Random(args.seed).sample(attack, min(n_harmful, len(attack)))
         random.Random(args.seed).shuffle(mix)
         for method in args.methods:
-            key = f"p={ratio}/{tagged(method, args.tag)}"
+            key = run_key(ratio, method)
             if key in results["runs"]:
                 continue
+            run_start = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
             settings = None if METHODS[method] is None else cwac.model_copy(update=METHODS[method])
             # the align set's refusals: the safety data a practitioner has at hand
@@ -293,7 +301,8 @@ def main() -> None:
             if method == "mix":
                 peer = {"safety_examples_added": len(train) - len(mix)}
             results["runs"][key] = summary(report) | peer | {
-                "train_seconds": round(elapsed, 1), "harmful_examples": n_harmful, "examples": len(train),
+                "train_seconds": round(elapsed, 1), "run_seconds": round(time.perf_counter() - run_start, 1),
+                "harmful_examples": n_harmful, "examples": len(train),
                 "attack_steps": args.attack_steps, "attack_lr": args.attack_lr, "task_prompts": args.split,
             }
             name = f"{'' if args.split == 'eval' else args.split + '_'}{key.replace('/', '_')}.json"
