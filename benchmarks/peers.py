@@ -15,15 +15,15 @@ AsFT (Yang et al. 2025, "AsFT: Anchoring Safety During LLM Fine-Tuning Within Na
 reference code PKU-YuanGroup/AsFT at 07b606e, Llama 2 Community License, read and not copied;
 `utils/AsFT_train_utils.py`): the task loss plus lambda * sum over LoRA modules of ||(I - C) B A||_F^2,
 with SafeLoRA's C (built by a copy of SafeLoRA's `get_aligned_matrix` in `AsFT_finetuning.py`), lambda 1
-(its `AsFT_reg1` scripts). As in the reference, B A carries
-no LoRA scaling and C is not a projection: its one non-zero eigenvalue per direction of V is that direction's
-singular value squared over ||V||_F, so where the alignment moved a module little the term is close to
-plain weight decay on B A, and where it moved a module much (an eigenvalue above 2) the term penalises
-updates along the alignment's directions more than weight decay would. On the benchmark's seed-1 aligned
-model the largest eigenvalue of C per module has a median of 0.38 and a maximum of 2.8 (210 modules).
-Deviations: the term is computed as the sum of (M^T M) * (A A^T), M = B - C B (r x r
-products, the same number) instead of forming the d_out x d_out C and B A; a module the alignment left alone
-(V = 0, where the reference's C is NaN) gets C = 0; modules paired by name.
+(its `AsFT_reg1` scripts). As in the reference, B A carries no LoRA scaling and C is not a projection: its
+eigenvalue along each singular direction of V is that direction's singular value squared over ||V||_F, so
+where the alignment moved a module little the term is close to plain weight decay on B A, and where it moved
+a module much (an eigenvalue above 2) the term penalises updates along the alignment's directions more than
+weight decay would. On the benchmark's seed-1 aligned model the largest eigenvalue of C per module has a
+median of 0.38 and a maximum of 2.8 (210 modules). Deviations: the term is computed as the sum of
+(M^T M) * (A A^T), M = B - C B (r x r products, the same number) instead of forming the d_out x d_out C and
+B A; a module the alignment left alone (V = 0, where the reference's C is NaN) gets C = 0; modules paired by
+name.
 
 Lisa (Huang et al. 2024, "Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning
 Attack"; reference code git-disl/Lisa at 68e3659, `trainer.py` LisaTrainer, Apache-2.0): training
