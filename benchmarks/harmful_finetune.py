@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -243,13 +244,14 @@ def main() -> None:
     # only the constraints read the artifacts: a run of plain SFT and the peers alone makes none
     uses = {key for method in args.methods for key, on in (METHODS[method] or {}).items() if on}
     model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32) if uses else None
-    if "weight_constraint" in uses and Path(cwac.subspace).exists():  # skipped on a rerun: must be these settings
-        check_settings_match(Subspace.load(cwac.subspace), cwac)
-    elif "weight_constraint" in uses:
-        start = time.perf_counter()
-        subspace = compute_subspace(model, tokenizer, cwac, 192, SubspaceData(safety, benign_align))
-        subspace.save(cwac.subspace)
-        record_seconds(artifact_key("subspace"), "subspace", start)
+    if "weight_constraint" in uses:
+        if Path(cwac.subspace).exists():  # skipped on a rerun, so it must be from these settings
+            check_settings_match(Subspace.load(cwac.subspace), cwac)
+        else:
+            start = time.perf_counter()
+            subspace = compute_subspace(model, tokenizer, cwac, 192, SubspaceData(safety, benign_align))
+            subspace.save(cwac.subspace)
+            record_seconds(artifact_key("subspace"), "subspace", start)
     if "activation_constraint" in uses and not Path(cwac.features).exists():
         from cwac_plugin.sae import load_sae, select_features, train_sae
 
@@ -268,8 +270,8 @@ def main() -> None:
         return f"p={ratio}/{tagged(method, args.tag)}"
 
     todo = [run_key(ratio, method) for ratio in args.ratios for method in args.methods if run_key(ratio, method) not in results["runs"]]
-    timed = sorted(run["run_seconds"] for run in results["runs"].values() if "run_seconds" in run)
-    estimate = f", about {len(todo) * timed[len(timed) // 2] / 60:.0f} min at the median run so far" if timed and todo else ""
+    timed = [run["run_seconds"] for run in results["runs"].values() if "run_seconds" in run]
+    estimate = f", about {len(todo) * statistics.median(timed) / 60:.0f} min at the median run so far" if timed and todo else ""
     print(f"{len(todo)} runs to do{estimate}" + (f": {', '.join(todo)}" if todo else ""), flush=True)
     for ratio in args.ratios:
         n_harmful = round(ratio * len(data["task_train"]) / (1 - ratio))
