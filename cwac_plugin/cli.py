@@ -24,9 +24,9 @@ PLUGIN_NAME = "cwac_plugin.CWACPlugin"
 
 # Precompute runs plain forwards over the whole model, on one process or, under torchrun, on every
 # rank over its share of the data. There the model is sharded as training shards it when the config
-# asks for FSDP2 (and is not quantised: a 4-bit model fits one device); any other sharding is
-# dropped (ZeRO-3 would load empty weights outside DeepSpeed's forward). Axolotl's fused LoRA
-# kernels (on by default on CUDA) bypass the modules whose inputs precompute reads.
+# asks for FSDP2 or DeepSpeed ZeRO-3 (and is not quantised: a 4-bit model fits one device); any other
+# parallelism is dropped (ZeRO-1/2 and DDP keep a whole model on every rank anyway). Axolotl's fused
+# LoRA kernels (on by default on CUDA) bypass the modules whose inputs precompute reads.
 PRECOMPUTE_DROPS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
 PRECOMPUTE_KERNELS_OFF = {k: False for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")}
 
@@ -46,7 +46,7 @@ def load_axolotl_config(config: Path):
 
     raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     ranks.init_process_group()
-    if not shards_for_precompute(raw):
+    if not sharding_for_precompute(raw, config):
         for key in PRECOMPUTE_DROPS:
             raw.pop(key, None)
     if raw.get("adapter"):
@@ -58,10 +58,26 @@ def load_axolotl_config(config: Path):
     return cfg
 
 
-def shards_for_precompute(raw: dict) -> bool:
-    """FSDP2 sharding in a torchrun job, for a model not loaded quantised."""
-    quantised = raw.get("load_in_4bit") or raw.get("load_in_8bit")
-    return ranks.launched_distributed() and str(raw.get("fsdp_version")) == "2" and not quantised
+def sharding_for_precompute(raw: dict, config: Path) -> str | None:
+    """"fsdp2" or "zero3" where a torchrun job shards a model not loaded quantised; None: whole on every rank."""
+    if not ranks.launched_distributed() or raw.get("load_in_4bit") or raw.get("load_in_8bit"):
+        return None
+    if str(raw.get("fsdp_version")) == "2":
+        return "fsdp2"
+    if raw.get("deepspeed") and _zero_stage(raw["deepspeed"], config) == 3:
+        return "zero3"
+    return None
+
+
+def _zero_stage(deepspeed: dict | str, config: Path) -> int | None:
+    """The ZeRO stage of the `deepspeed:` value, a dict or a JSON file (relative paths from where the
+    command runs, as Axolotl reads them); None where it cannot be read, which Axolotl then reports."""
+    if isinstance(deepspeed, str):
+        try:
+            deepspeed = json.loads(Path(deepspeed).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    return (deepspeed.get("zero_optimization") or {}).get("stage")
 
 
 def _say(message: str) -> None:
@@ -95,15 +111,20 @@ def _load_model(cfg, max_length: int, examples: list):
     from cwac_plugin.data import check_lengths
 
     check_lengths(load_tokenizer(cfg), examples, max_length)
+    if cfg.deepspeed:  # kept by load_axolotl_config only to partition like ZeRO-3 training
+        # before DeepSpeed's zero.Init: it leaves a bound method as Module.__init_subclass__, so that a
+        # generic Module subclass defined after it (sae_lens's SAE) loses its type parameters
+        import sae_lens  # noqa: F401
     model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
-    if cfg.fsdp_version is not None:  # kept by load_axolotl_config only to shard like training
+    if cfg.fsdp_version is not None or cfg.deepspeed:  # kept by load_axolotl_config only to shard like training
         model = ranks.shard_like_training(model)
     if ranks.world_size() > 1:
-        from cwac_plugin.parallel import is_row_sharded
+        from cwac_plugin.parallel import is_sharded
 
         parameters = list(model.parameters())
-        sharded = sum(is_row_sharded(parameter) for parameter in parameters)
-        layout = f"{sharded} of {len(parameters)} parameters sharded with FSDP2 as in training" if sharded else "the whole model on every rank"
+        sharded = sum(is_sharded(parameter) for parameter in parameters)
+        backend = "DeepSpeed ZeRO-3" if cfg.deepspeed else "FSDP2"
+        layout = f"{sharded} of {len(parameters)} parameters sharded with {backend} as in training" if sharded else "the whole model on every rank"
         _say(f"precompute on {ranks.world_size()} ranks, {layout}; rank r takes batches r, r + {ranks.world_size()}, ...")
     return model, tokenizer
 

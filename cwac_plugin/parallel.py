@@ -114,6 +114,10 @@ def write_param(param: Tensor, value: Tensor) -> None:
             param.data.copy_(value.to(param.dtype).view_as(param.data))
 
 
+def is_sharded(param: Tensor) -> bool:
+    """Partitioned by ZeRO-3 or FSDP2: whole only inside a forward that runs to the end."""
+    return hasattr(param, "ds_id") or is_row_sharded(param)
+
+
 def sharded_parameters(model) -> bool:
-    """ZeRO-3 or FSDP2: parameters are gathered only inside a forward that runs to the end."""
-    return any(hasattr(p, "ds_id") or is_row_sharded(p) for p in model.parameters())
+    return any(is_sharded(p) for p in model.parameters())

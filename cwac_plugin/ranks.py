@@ -121,10 +121,25 @@ def gather_in_order(rows: list[tuple[int, object]], everywhere: bool = False) ->
 
 
 def shard_like_training(model: torch.nn.Module) -> torch.nn.Module:
-    """Shard `model` with FSDP2 as `axolotl train` would, from the FSDP_* settings Axolotl's config
-    loader put in the environment: accelerate's own preparation, so wrapping, resharding after
-    forward and (with fsdp_config.cpu_ram_efficient_loading) broadcasting rank 0's weights are its."""
-    from accelerate import Accelerator
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    """Shard `model` as `axolotl train` would, from the settings Axolotl's config loader put in the
+    environment, through accelerate's own preparation.
 
-    return fsdp2_prepare_model(Accelerator(), model)
+    FSDP2: `fsdp2_prepare_model`, so wrapping, resharding after forward and (with
+    fsdp_config.cpu_ram_efficient_loading) broadcasting rank 0's weights are its. ZeRO-3: the model
+    loaded partitioned already (transformers' `zero.Init`); `prepare` of the model alone, as the HF
+    Trainer's evaluation does it, gives DeepSpeed's engine without an optimizer, whose hooks gather
+    each layer's partitions for its forward. The model itself is returned: the hooks sit on its
+    modules, which keep their names (the engine would prefix them with `module.`)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    if accelerator.state.deepspeed_plugin is None:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model)
+    deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for section in ("optimizer", "scheduler"):  # nothing is stepped
+        deepspeed_config.pop(section, None)
+    if deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":  # DeepSpeed's bookkeeping only
+        deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+    return accelerator.prepare(model).module
