@@ -70,13 +70,13 @@ def sharding_for_precompute(raw: dict, config: Path) -> str | None:
 
 
 def _zero_stage(deepspeed: dict | str, config: Path) -> int | None:
-    """The ZeRO stage of the `deepspeed:` value, a dict or a JSON file (relative paths from where the
-    command runs, as Axolotl reads them); None where it cannot be read, which Axolotl then reports."""
+    """The ZeRO stage of the `deepspeed:` value, a dict or a JSON file (a relative path is read from
+    where the command runs, as Axolotl reads it)."""
     if isinstance(deepspeed, str):
         try:
             deepspeed = json.loads(Path(deepspeed).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        except (OSError, ValueError) as error:
+            raise click.UsageError(f"{config}: deepspeed: cannot read {deepspeed} ({error}); fix the path or the JSON") from error
     return (deepspeed.get("zero_optimization") or {}).get("stage")
 
 

@@ -208,3 +208,28 @@ def test_each_example_validates_with_the_plugin_and_is_not_refused(example):
     assert settings.hook_point and settings.sae and settings.features
     artifacts = {settings.subspace, settings.sae, settings.features}
     assert len(artifacts) == 3 and all(str(path).startswith(("runs/", f"{validated.output_dir}/")) for path in artifacts)
+
+
+@pytest.mark.parametrize(
+    ("raw", "sharding"),
+    [
+        ({"fsdp_version": 2}, "fsdp2"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "zero3"),
+        ({"deepspeed": "zero3.json"}, "zero3"),  # a file, read from where the command runs
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, None),  # ZeRO-2 keeps the whole model on every rank
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}, "load_in_4bit": True}, None),  # fits one device
+    ],
+)
+def test_precompute_shards_a_torchrun_job_as_its_training_would(raw, sharding, tmp_path, monkeypatch):
+    import click
+
+    from cwac_plugin.cli import sharding_for_precompute
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert sharding_for_precompute(raw, tmp_path / "config.yml") is None  # one process: always whole
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sharding_for_precompute(raw, tmp_path / "config.yml") == sharding
+    with pytest.raises(click.UsageError, match=r"config.yml: deepspeed: cannot read missing.json .*fix the path"):
+        sharding_for_precompute({"deepspeed": "missing.json"}, tmp_path / "config.yml")
