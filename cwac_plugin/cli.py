@@ -24,10 +24,11 @@ PLUGIN_NAME = "cwac_plugin.CWACPlugin"
 
 # Precompute runs plain forwards over the whole model, on one process or, under torchrun, on every
 # rank over its share of the data. There the model is sharded as training shards it when the config
-# asks for FSDP2 or DeepSpeed ZeRO-3 (and is not quantised: a 4-bit model fits one device); any other
-# parallelism is dropped (ZeRO-1/2 and DDP keep a whole model on every rank anyway). Axolotl's fused
-# LoRA kernels (on by default on CUDA) bypass the modules whose inputs precompute reads.
-PRECOMPUTE_DROPS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+# asks for FSDP2 or DeepSpeed ZeRO-3 (and is not quantised: a 4-bit model fits one device), and the
+# other backend's keys are dropped; otherwise all are (ZeRO-1/2 and DDP keep a whole model on every
+# rank anyway). Axolotl's fused LoRA kernels (on by default on CUDA) bypass the modules whose inputs
+# precompute reads.
+BACKEND_KEYS = {"zero3": ("deepspeed",), "fsdp2": ("fsdp", "fsdp_config", "fsdp_version")}
 PRECOMPUTE_KERNELS_OFF = {k: False for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")}
 
 
@@ -46,8 +47,9 @@ def load_axolotl_config(config: Path):
 
     raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     ranks.init_process_group()
-    if not sharding_for_precompute(raw, config):
-        for key in PRECOMPUTE_DROPS:
+    sharding = sharding_for_precompute(raw, config)
+    for backend, keys in BACKEND_KEYS.items():
+        for key in keys if backend != sharding else ():
             raw.pop(key, None)
     if raw.get("adapter"):
         raw |= PRECOMPUTE_KERNELS_OFF
@@ -64,7 +66,8 @@ def sharding_for_precompute(raw: dict, config: Path) -> str | None:
         return None
     if str(raw.get("fsdp_version")) == "2":
         return "fsdp2"
-    if raw.get("deepspeed") and _zero_stage(raw["deepspeed"], config) == 3:
+    fsdp_chosen = raw.get("fsdp") or raw.get("fsdp_config")  # Axolotl takes FSDP over DeepSpeed then
+    if raw.get("deepspeed") and not fsdp_chosen and _zero_stage(raw["deepspeed"], config) == 3:
         return "zero3"
     return None
 
@@ -117,7 +120,7 @@ def _load_model(cfg, max_length: int, examples: list):
         import sae_lens  # noqa: F401
     model, tokenizer, _ = load_model_and_tokenizer(cfg=cfg, inference=True)
     if cfg.fsdp_version is not None or cfg.deepspeed:  # kept by load_axolotl_config only to shard like training
-        model = ranks.shard_like_training(model)
+        model = ranks.shard_like_training(model, cfg.micro_batch_size)
     if ranks.world_size() > 1:
         from cwac_plugin.parallel import is_sharded
 

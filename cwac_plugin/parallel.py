@@ -120,4 +120,5 @@ def is_sharded(param: Tensor) -> bool:
 
 
 def sharded_parameters(model) -> bool:
+    """ZeRO-3 or FSDP2: every rank must run each forward, which is a collective."""
     return any(is_sharded(p) for p in model.parameters())

@@ -120,7 +120,7 @@ def gather_in_order(rows: list[tuple[int, object]], everywhere: bool = False) ->
     return [item for _, item in sorted(rows, key=lambda row: row[0])]
 
 
-def shard_like_training(model: torch.nn.Module) -> torch.nn.Module:
+def shard_like_training(model: torch.nn.Module, micro_batch_size: int) -> torch.nn.Module:
     """Shard `model` as `axolotl train` would, from the settings Axolotl's config loader put in the
     environment, through accelerate's own preparation.
 
@@ -129,7 +129,8 @@ def shard_like_training(model: torch.nn.Module) -> torch.nn.Module:
     loaded partitioned already (transformers' `zero.Init`); `prepare` of the model alone, as the HF
     Trainer's evaluation does it, gives DeepSpeed's engine without an optimizer, whose hooks gather
     each layer's partitions for its forward. The model itself is returned: the hooks sit on its
-    modules, which keep their names (the engine would prefix them with `module.`)."""
+    modules, which keep their names (the engine would prefix them with `module.`), and hold the
+    engine alive."""
     from accelerate import Accelerator
 
     accelerator = Accelerator()
@@ -140,6 +141,6 @@ def shard_like_training(model: torch.nn.Module) -> torch.nn.Module:
     deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
     for section in ("optimizer", "scheduler"):  # nothing is stepped
         deepspeed_config.pop(section, None)
-    if deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":  # DeepSpeed's bookkeeping only
-        deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+    if deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":  # as Axolotl's ZeRO-3 loading fills it
+        deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size  # (an explicit train_batch_size must match)
     return accelerator.prepare(model).module

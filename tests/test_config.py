@@ -218,11 +218,11 @@ def test_each_example_validates_with_the_plugin_and_is_not_refused(example):
         ({"deepspeed": "zero3.json"}, "zero3"),  # a file, read from where the command runs
         ({"deepspeed": {"zero_optimization": {"stage": 2}}}, None),  # ZeRO-2 keeps the whole model on every rank
         ({"deepspeed": {"zero_optimization": {"stage": 3}}, "load_in_4bit": True}, None),  # fits one device
+        # Axolotl trains with FSDP where fsdp_config is set beside deepspeed: here FSDP1, whole on every rank
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}, "fsdp_config": {"reshard_after_forward": True}}, None),
     ],
 )
 def test_precompute_shards_a_torchrun_job_as_its_training_would(raw, sharding, tmp_path, monkeypatch):
-    import click
-
     from cwac_plugin.cli import sharding_for_precompute
 
     monkeypatch.chdir(tmp_path)
@@ -231,5 +231,13 @@ def test_precompute_shards_a_torchrun_job_as_its_training_would(raw, sharding, t
     assert sharding_for_precompute(raw, tmp_path / "config.yml") is None  # one process: always whole
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert sharding_for_precompute(raw, tmp_path / "config.yml") == sharding
+
+
+def test_precompute_refuses_a_deepspeed_file_it_cannot_read(tmp_path, monkeypatch):
+    import click
+
+    from cwac_plugin.cli import sharding_for_precompute
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(click.UsageError, match=r"config.yml: deepspeed: cannot read missing.json .*fix the path"):
         sharding_for_precompute({"deepspeed": "missing.json"}, tmp_path / "config.yml")
