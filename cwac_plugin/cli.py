@@ -49,8 +49,9 @@ def load_axolotl_config(config: Path):
     ranks.init_process_group()
     sharding = sharding_for_precompute(raw, config)
     for backend, keys in BACKEND_KEYS.items():
-        for key in keys if backend != sharding else ():
-            raw.pop(key, None)
+        if backend != sharding:
+            for key in keys:
+                raw.pop(key, None)
     if raw.get("adapter"):
         raw |= PRECOMPUTE_KERNELS_OFF
     cfg = load_cfg(DictDefault(raw))
