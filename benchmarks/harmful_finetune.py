@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -110,6 +111,16 @@ def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, see
     return prepare.lora_sft(model, tokenizer, examples, out, steps, lr, seed, before_training=before_training)
 
 
+def save_whole(model, tokenizer, out: Path) -> None:
+    """Saved beside `out` and renamed into place: a stopped run leaves no half-saved model to be taken for done."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    partial.rename(out)
+
+
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
     task = [{"prompt": e.prompt, "answer": e.response} for e in data["task_test"]]
     return evaluate(model, tokenizer, data["eval"][:n_eval], task, data["benign_eval"], task_max_new_tokens=8,
@@ -182,7 +193,10 @@ def main() -> None:
     refusals = [r["response"] for r in prepare.read_jsonl(DATA / "refusals.jsonl")]
     safety = [Example(r["prompt"], rng.choice(refusals)) for r in parts["align"]]
 
-    benign_file = work / "benign_answers.json"
+    # what rebuilding the aligned model needs (its data, its adapter: ~20 MB, ~75 min to remake here) is
+    # kept beside the results, committed, so that a new checkout merges it in a minute
+    alignment = out / "alignment"
+    benign_file = alignment / "benign_answers.json"
     if not benign_file.exists():  # the unaligned model's own answers: what the aligned one should keep saying
         unaligned = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
         answers = generate(unaligned, tokenizer, open_align, 128, 16, "benign answers")
@@ -191,7 +205,7 @@ def main() -> None:
     benign_align = [Example(p, a) for p, a in benign_pairs if phrase_judge(p, a) == COMPLIANCE]
     results["benign_align"] = {"prompts": len(benign_pairs), "kept": len(benign_align)}
 
-    attack_file = work / "attack.json"
+    attack_file = alignment / "attack.json"
     if not attack_file.exists():  # the unaligned model's own compliant answers
         unaligned = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
         answers = generate(unaligned, tokenizer, [r["prompt"] for r in parts["attack"]], 64, 16, "attack answers")
@@ -200,19 +214,24 @@ def main() -> None:
 
     # 2. align ---------------------------------------------------------------------------------
     aligned_dir = work / tagged(f"aligned_e{args.align_epochs:g}", f"b{args.benign_repeats}" if args.benign_repeats > 1 else "", "_")
+    adapter_dir = alignment / aligned_dir.name
     if not (aligned_dir / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32)
-        align_set = safety + benign_align * args.benign_repeats
-        random.Random(args.seed).shuffle(align_set)
-        steps = round(args.align_epochs * len(align_set) / 8)
-        peft_model, elapsed, _ = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
-        merged = peft_model.merge_and_unload()
-        merged.save_pretrained(aligned_dir)
-        tokenizer.save_pretrained(aligned_dir)
-        results["align"] = {
-            "examples": len(align_set), "steps": steps, "epochs": args.align_epochs, "benign_repeats": args.benign_repeats,
-            "seconds": round(elapsed, 1),
-        }
+        if (adapter_dir / "adapter_model.safetensors").exists():
+            from peft import PeftModel
+
+            peft_model = PeftModel.from_pretrained(model, adapter_dir)
+        else:
+            align_set = safety + benign_align * args.benign_repeats
+            random.Random(args.seed).shuffle(align_set)
+            steps = round(args.align_epochs * len(align_set) / 8)
+            peft_model, elapsed, _ = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
+            save_whole(peft_model, None, adapter_dir)
+            results["align"] = {
+                "examples": len(align_set), "steps": steps, "epochs": args.align_epochs, "benign_repeats": args.benign_repeats,
+                "seconds": round(elapsed, 1),
+            }
+        save_whole(peft_model.merge_and_unload(), tokenizer, aligned_dir)
     for name, model_dir in (("unaligned", work / "unaligned"), ("aligned", aligned_dir)):
         if name not in results:
             report = run_eval(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer, data, args.n_eval)

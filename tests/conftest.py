@@ -2,6 +2,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "WANDB_DISABLED": "true",
+        # torchrun's default port (29500) for each job: two tests' jobs run at once under pytest -n
+        "PET_MASTER_PORT": str(free_port()),
     }
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
@@ -135,6 +138,25 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
             stacks = output[max(output.find("Fatal Python error"), 0) :]
             pytest.fail(f"{' '.join(args)} still running after {timeout} s; its stacks:\n{stacks[-20000:]}")
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def cwac_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`cwac ARGS` through the same click command in this process, sparing a new interpreter's ~10 s of
+    imports: for `cwac verify`, which only reads files, so that no state of it outlives the call."""
+    from click.testing import CliRunner
+
+    from cwac_plugin.cli import cwac
+
+    result = CliRunner().invoke(cwac, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["cwac", *args], result.exit_code, result.stdout, result.stderr)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

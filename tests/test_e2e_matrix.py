@@ -72,22 +72,35 @@ def tiny_models(tmp_path_factory, tiny_model):
     return get
 
 
-def prepared(tmp_path, tiny_models, data_files, overrides: dict, cwac: dict | None = None):
-    """The cell's config, and its subspace computed from that same config, as a user would."""
+@pytest.fixture(scope="session")
+def subspaces(subspace_file) -> dict:
+    """Subspaces by (architecture, precision), each made once, for the first cell that needs it."""
+    return {("llama", "float32"): subspace_file}
+
+
+def prepared(tmp_path, tiny_models, subspaces, data_files, overrides: dict):
+    """The cell's config and the subspace a user would compute from it: `cwac subspace` on one process
+    drops the backend's keys, and an adapter leaves the subspace as it is (test_e2e_prepare's FSDP2
+    test), so cells of one model and precision share one, made once. A shared file made with other
+    settings would be refused by training's own settings check."""
     overrides = dict(overrides)
-    cwac = overrides.pop("cwac", cwac)
-    model = tiny_models(overrides.pop("architecture", "llama"))
-    config = axolotl_config(tmp_path, model, data_files, cwac=cwac or {}, **overrides)
-    check_ok(run(["cwac", "subspace", str(config)], cwd=tmp_path))
-    return model, config
+    cwac = overrides.pop("cwac", {})
+    architecture = overrides.pop("architecture", "llama")
+    model = tiny_models(architecture)
+    precision = "4bit" if overrides.get("load_in_4bit") else "bf16" if overrides.get("bf16") else "float32"
+    if (architecture, precision) not in subspaces:
+        config = axolotl_config(tmp_path, model, data_files, cwac=cwac, **overrides)
+        check_ok(run(["cwac", "subspace", str(config)], cwd=tmp_path))
+        subspaces[architecture, precision] = tmp_path / "subspace.safetensors"
+    subspace = subspaces[architecture, precision]
+    return model, axolotl_config(tmp_path, model, data_files, cwac={**cwac, "subspace": str(subspace)}, **overrides), subspace
 
 
 @pytest.mark.parametrize("cell", HOLDS, ids=list(HOLDS))
-def test_cell_holds(cell, tmp_path, tiny_models, data_files):
+def test_cell_holds(cell, tmp_path, tiny_models, subspaces, data_files):
     overrides, launcher = HOLDS[cell]
-    model, config = prepared(tmp_path, tiny_models, data_files, overrides)
+    model, config, subspace = prepared(tmp_path, tiny_models, subspaces, data_files, overrides)
     check_ok(run(["axolotl", "train", str(config), *launcher], cwd=tmp_path))
-    subspace = tmp_path / "subspace.safetensors"
     result = check_verified(tmp_path, model, subspace, saves_adapter="adapter" in overrides, tolerance=2.0**-8)
     logged = [entry["cwac/leakage"] for entry in logged_steps(tmp_path / "out")]
     assert len(logged) == 4
@@ -180,9 +193,9 @@ def test_a_trained_adapter_is_refused(tmp_path, tiny_model, data_files, subspace
     assert "lora_model_dir" in proc.stdout + proc.stderr
 
 
-def test_unprotected_experts_are_refused(tmp_path, tiny_models, data_files):
+def test_unprotected_experts_are_refused(tmp_path, tiny_models, subspaces, data_files):
     """Mixtral: attention is protected, the experts (3-D parameters, most of the decoder) are not."""
-    _, config = prepared(tmp_path, tiny_models, data_files, {"architecture": "mixtral"})
+    _, config, _ = prepared(tmp_path, tiny_models, subspaces, data_files, {"architecture": "mixtral"})
     refused_before_training(run(["axolotl", "train", str(config)], cwd=tmp_path), tmp_path, "set cwac.allow_partial: true")
 
 

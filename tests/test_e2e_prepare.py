@@ -1,7 +1,6 @@
 """`cwac prepare`: every artifact from one command, each remade only when what it was made from changed."""
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ACTIVATION, axolotl_config, check_ok, logged_steps, run
+from conftest import ACTIVATION, axolotl_config, check_ok, free_port, logged_steps, run
 from test_e2e_matrix import FSDP2, ZERO3
 from test_e2e_weight_constraint import LORA, check_verified
 
@@ -114,33 +113,34 @@ def test_prepare_on_two_ranks_with_the_model_partitioned_by_zero3(tmp_path, tiny
     # The forwards are bit-equal (SAE, features). The backward is not: ZeRO-3 leaves every nn.Linear
     # on DeepSpeed's own linear (zero3_linear_wrap, as in ZeRO-3 training), whose input gradient rounds
     # differently; below the last MLP the refusal-loss gradients drift by roundoff, which near-equal
-    # eigenvalues of the attention modules' moments turn into projector entries off by up to 1.3e-3 here.
-    check_single_process_artifacts(proc.stdout, tmp_path, subspace_file, artifacts, projector_atol=5e-3)
+    # eigenvalues of the attention modules' moments turn into a tilt of the last basis direction: from
+    # run to run here projector entries were off by 1.3e-3 and by 1.1e-2, the smallest cosine of the
+    # angles between the spans 0.995 (1.0 elsewhere; for two random 8-dimensional spans in 64 it is near 0).
+    check_single_process_artifacts(proc.stdout, tmp_path, subspace_file, artifacts, min_cosine=0.98)
 
 
 def check_single_process_artifacts(
-    stdout: str, tmp_path: Path, subspace_file: Path, artifacts: dict, projector_atol: float = 1e-5
+    stdout: str, tmp_path: Path, subspace_file: Path, artifacts: dict, min_cosine: float | None = None
 ) -> None:
-    """Rank 0 alone wrote the subspace, SAE and features of the single-process commands behind the fixtures."""
+    """Rank 0 alone wrote the subspace, SAE and features of the single-process commands behind the fixtures:
+    the same spans (each basis is defined up to sign), or, given `min_cosine`, spans at angles whose
+    cosines are all at least that."""
     from safetensors.torch import load_file
 
     assert stdout.count("wrote ") == 3
     one, two = load_file(subspace_file), load_file(tmp_path / "subspace.safetensors")
     assert one.keys() == two.keys()
-    for name in one:  # the spans agree (each basis is defined up to sign)
-        assert torch.allclose(one[name] @ one[name].T, two[name] @ two[name].T, atol=projector_atol), name
+    for name in one:  # bases are columns
+        if min_cosine is None:
+            assert torch.allclose(one[name] @ one[name].T, two[name] @ two[name].T, atol=1e-5), name
+        else:
+            assert torch.linalg.svdvals(one[name].T @ two[name]).min() >= min_cosine, name
     single_sae = Path(artifacts["cwac"]["sae"])
     one, two = load_file(single_sae / "sae_weights.safetensors"), load_file(tmp_path / "sae" / "sae_weights.safetensors")
     assert all(torch.allclose(one[name], two[name], atol=1e-5) for name in one)
     one, two = (json.loads(Path(path).read_text()) for path in (artifacts["cwac"]["features"], tmp_path / "features.json"))
     assert one["indices"] == two["indices"]
     assert one["reference_scale"] == pytest.approx(two["reference_scale"], rel=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_without_safety_data_an_unaligned_model_is_refused(tmp_path, tiny_model, data_files):

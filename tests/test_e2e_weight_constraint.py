@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEEPSPEED, axolotl_config, check_ok, logged_steps, run
+from conftest import DEEPSPEED, axolotl_config, check_ok, cwac_in_process, logged_steps, run
 
 pytestmark = pytest.mark.e2e
 
@@ -27,11 +27,14 @@ LORA = {
 }
 
 
-def verify(tmp: Path, base: Path, subspace_file: Path, saves_adapter: bool) -> tuple[subprocess.CompletedProcess, dict]:
-    """`cwac verify` on what training saved, as a reviewer runs it: PEFT merges the adapter."""
+def verify(
+    tmp: Path, base: Path, subspace_file: Path, saves_adapter: bool, in_process: bool = True
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """`cwac verify` on what training saved, as a reviewer runs it: PEFT merges the adapter. In this
+    process unless asked (test_lora_without_plugin_leaks runs the installed command once)."""
     saved = ["--adapter" if saves_adapter else "--model", str(tmp / "out")]
-    args = ["cwac", "verify", "--base", str(base), *saved, "--subspace", str(subspace_file), "--out", str(tmp / "verify.json")]
-    proc = run(args, cwd=tmp)
+    args = ["verify", "--base", str(base), *saved, "--subspace", str(subspace_file), "--out", str(tmp / "verify.json")]
+    proc = cwac_in_process(args) if in_process else run(["cwac", *args], cwd=tmp)
     return proc, json.loads((tmp / "verify.json").read_text())
 
 
@@ -60,7 +63,7 @@ def test_lora_without_plugin_leaks(tmp_path, tiny_model, data_files, subspace_fi
     """The same run without CWAC moves the protected directions: the check above can fail."""
     config = axolotl_config(tmp_path, tiny_model, data_files, cwac=None, **LORA)
     check_ok(run(["axolotl", "train", str(config)], cwd=tmp_path))
-    proc, result = verify(tmp_path, tiny_model, subspace_file, saves_adapter=True)
+    proc, result = verify(tmp_path, tiny_model, subspace_file, saves_adapter=True, in_process=False)
     assert proc.returncode == 1 and "FAILED: input leakage" in proc.stderr
     assert result["input_leakage"] > 1e-2 and result["output_leakage"] > 1e-2 and not result["passed"]
 
