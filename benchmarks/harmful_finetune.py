@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "examples" / "smollm2_cpu"))
 import prepare  # the example's wheel download, GGUF conversion and LoRA SFT
 
 from cwac_plugin.config import CWACConfig
-from cwac_plugin.data import Batches, Example, write_json_atomically
+from cwac_plugin.data import Batches, Example, save_directory_atomically, write_json_atomically
 from cwac_plugin.eval import COMPLIANCE, evaluate, generate, phrase_judge
 from cwac_plugin.prepare import SETTINGS as ARTIFACT_SETTINGS
 from cwac_plugin.subspace import Subspace, SubspaceData, check_settings_match, compute_subspace
@@ -109,16 +108,6 @@ def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, see
             peer(trainer)
 
     return prepare.lora_sft(model, tokenizer, examples, out, steps, lr, seed, before_training=before_training)
-
-
-def save_whole(model, tokenizer, out: Path) -> None:
-    """Saved beside `out` and renamed into place: a stopped run leaves no half-saved model to be taken for done."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(partial)
-    partial.rename(out)
 
 
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
@@ -226,12 +215,13 @@ def main() -> None:
             random.Random(args.seed).shuffle(align_set)
             steps = round(args.align_epochs * len(align_set) / 8)
             peft_model, elapsed, _ = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
-            save_whole(peft_model, None, adapter_dir)
+            save_directory_atomically(adapter_dir, peft_model.save_pretrained)
             results["align"] = {
                 "examples": len(align_set), "steps": steps, "epochs": args.align_epochs, "benign_repeats": args.benign_repeats,
                 "seconds": round(elapsed, 1),
             }
-        save_whole(peft_model.merge_and_unload(), tokenizer, aligned_dir)
+        merged = peft_model.merge_and_unload()
+        save_directory_atomically(aligned_dir, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     for name, model_dir in (("unaligned", work / "unaligned"), ("aligned", aligned_dir)):
         if name not in results:
             report = run_eval(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer, data, args.n_eval)

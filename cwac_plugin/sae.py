@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -23,7 +21,7 @@ from torch import Tensor, nn
 
 from cwac_plugin import ranks
 from cwac_plugin.config import CWACConfig
-from cwac_plugin.data import Batches, Example, load_examples, write_json_atomically
+from cwac_plugin.data import Batches, Example, load_examples, save_directory_atomically, write_json_atomically
 from cwac_plugin.errors import SAEConfigError
 from cwac_plugin.models import (
     accepts_logits_to_keep,
@@ -360,7 +358,7 @@ def fit_sae(
         sae.save_inference_model(directory)
         write_json_atomically(directory / "cwac_report.json", report)
 
-    _save_directory_atomically(out_dir, write)
+    save_directory_atomically(out_dir, write)
     return report
 
 
@@ -734,21 +732,6 @@ def release_unread_weights(sae, encode: Callable[[Tensor], Tensor], names: Itera
 # ---------------------------------------------------------------------------------------------
 # Atomic writes.
 # ---------------------------------------------------------------------------------------------
-
-
-def _save_directory_atomically(out_dir: str | Path, write) -> None:
-    """Write into a temporary sibling directory, then swap it in: never a half-written SAE."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_anchor_examples(cfg: CWACConfig) -> list[Example]:
