@@ -182,7 +182,7 @@ def main() -> None:
     refusals = [r["response"] for r in prepare.read_jsonl(DATA / "refusals.jsonl")]
     safety = [Example(r["prompt"], rng.choice(refusals)) for r in parts["align"]]
 
-    # what rebuilding the aligned model needs (its data, its adapter: ~20 MB, ~75 min to remake here) is
+    # what rebuilding the aligned model needs (its data, its adapter: ~20 MB, 45-75 min to remake here) is
     # kept beside the results, committed, so that a new checkout merges it in a minute
     alignment = out / "alignment"
     benign_file = alignment / "benign_answers.json"

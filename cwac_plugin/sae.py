@@ -729,11 +729,6 @@ def release_unread_weights(sae, encode: Callable[[Tensor], Tensor], names: Itera
             sae.register_parameter(name, weight)
 
 
-# ---------------------------------------------------------------------------------------------
-# Atomic writes.
-# ---------------------------------------------------------------------------------------------
-
-
 def load_anchor_examples(cfg: CWACConfig) -> list[Example]:
     if not cfg.safety_data:
         raise SAEConfigError("cwac.safety_data is required by cwac.act_anchor 'safety' (the anchor prompts)")
