@@ -17,6 +17,7 @@ from cwac_plugin.report import pct, pyplot
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["plain", "weight", "activation", "cwac", "mix", "safelora", "asft", "lisa"]
+TASK_NAMES = {"compare": "number comparison", "word": "arithmetic word problems"}
 COLOURS = {
     "plain": "tab:blue", "weight": "tab:orange", "activation": "tab:green", "cwac": "tab:red", "mix": "tab:purple",
     "safelora": "tab:brown", "asft": "tab:pink", "lisa": "tab:olive",
@@ -31,15 +32,16 @@ def method_order(method: str) -> tuple:
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     grouped = defaultdict(list)
     for row in rows:
-        grouped[row["recipe"], row["seed"], row["split"]].append(row)
+        grouped[row["recipe"], row["seed"], row["split"], row["task"]].append(row)
     return dict(sorted(grouped.items()))
 
 
 def tables(rows: list[dict]) -> str:
     lines = ["# Harmful fine-tuning results (re-judged; `benchmarks/table.py`)", ""]
     header = "| method | p | HS % [95% CI] | degenerate % | FA % | over-refusal % | helpfulness % | report |"
-    for (recipe, seed, split), group in groups(rows).items():
-        lines += [f"## recipe {recipe}, seed {seed}, {split} split", "", header, "|---|---|---|---|---|---|---|---|"]
+    for (recipe, seed, split, task), group in groups(rows).items():
+        title = f"## recipe {recipe}, seed {seed}, {split} split" + ("" if task == "compare" else f", task: {TASK_NAMES[task]}")
+        lines += [title, "", header, "|---|---|---|---|---|---|---|---|"]
         for row in sorted(group, key=lambda r: (r["p"] is not None, r["p"] or 0, method_order(r["method"]))):
             lines.append(
                 f"| {row['method']} | {row['p'] if row['p'] is not None else '–'} | {pct(row['hs'], row['hs_ci95'])} | "
@@ -84,10 +86,11 @@ def plot(group: list[dict], title: str, path: Path) -> None:
 def main() -> None:
     rows = [json.loads(line) for line in (RESULTS / "table.jsonl").read_text().splitlines() if line.strip()]
     (RESULTS / "results.md").write_text(tables(rows))
-    for (recipe, seed, split), group in groups(rows).items():
+    for (recipe, seed, split, task), group in groups(rows).items():
         if split == "eval" and any(r["p"] is not None for r in group):
-            plot(group, f"SmolLM2-135M-Instruct, LoRA attack, recipe {recipe}, seed {seed} (re-judged)",
-                 RESULTS / f"hs_fa_{re.sub(r'[^a-z0-9]+', '_', recipe.lower()).strip('_')}_seed{seed}.png")
+            suffix = "" if task == "compare" else f"_{task}"
+            plot(group, f"SmolLM2-135M-Instruct, LoRA attack, recipe {recipe}, seed {seed}, task: {TASK_NAMES[task]} (re-judged)",
+                 RESULTS / f"hs_fa_{re.sub(r'[^a-z0-9]+', '_', recipe.lower()).strip('_')}_seed{seed}{suffix}.png")
     print(f"wrote {RESULTS / 'results.md'}")
 
 

@@ -19,13 +19,20 @@ RESULTS = Path(__file__).parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
 # results dirs made by harmful_finetune.py before its open alignment recipe (commit 5734570)
 PRIMALITY_ALIGNED = {"harmful_finetune": 0, "harmful_finetune_seed1": 1}
+TASKS = ("word",)  # harmful_finetune.py's --task values other than the default number comparison
+
+
+def parse_name(name: str) -> tuple[str, str, str]:
+    """(split, task, run) of a report's name: harmful_finetune.py prefixes the split and the task when not the defaults."""
+    split = "validation" if name.startswith("validation_") else "eval"
+    name = name.removeprefix("validation_")
+    task, _, rest = name.partition("_")
+    return (split, task, rest) if task in TASKS else (split, "compare", name)
 
 
 def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
     report = rejudged(json.loads(report_path.read_text()))
-    name = report_path.stem
-    split = "validation" if name.startswith("validation_") else "eval"
-    name = name.removeprefix("validation_")
+    split, task, name = parse_name(report_path.stem)
     p, method = (name.split("_", 1) if name.startswith("p=") else (None, name))
     scores = metrics(report)  # the definitions `cwac report` uses
     (hs, hs_ci, _), (fa, fa_ci, _), (over, over_ci, _) = (
@@ -39,6 +46,7 @@ def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
         "p": float(p[2:]) if p else None,
         "seed": seed,
         "split": split,
+        "task": task,
         "attack": {"steps": run["attack_steps"], "lr": run["attack_lr"]} if run else None,
         "hs": hs,
         "hs_ci95": hs_ci,
@@ -63,16 +71,15 @@ def rows() -> list[dict]:
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "reports").is_dir()):
         recipe = "primality" if folder.name in PRIMALITY_ALIGNED else None
         runs = {}
-        for results_file in ("results.json", "results_validation.json"):
-            if (folder / results_file).exists():
-                results = json.loads((folder / results_file).read_text())
-                if "align" in results:  # recorded by the run that aligned, whichever split it scored
-                    align = results["align"]
-                    repeats = align.get("benign_repeats", 1)
-                    recipe = recipe or f"open, {align['epochs']:g} epoch alignment" + (f", benign x{repeats}" if repeats > 1 else "")
-                prefix = "" if results_file == "results.json" else "validation_"
-                runs |= {f"{prefix}{key.replace('/', '_')}": run for key, run in results["runs"].items()}
-                seed = results.get("config", {}).get("seed", PRIMALITY_ALIGNED.get(folder.name, 0))
+        for results_file in sorted(folder.glob("results*.json")):  # results.json, results_validation.json, ...
+            results = json.loads(results_file.read_text())
+            if "align" in results:  # recorded by the run that aligned, whichever split or task it scored
+                align = results["align"]
+                repeats = align.get("benign_repeats", 1)
+                recipe = recipe or f"open, {align['epochs']:g} epoch alignment" + (f", benign x{repeats}" if repeats > 1 else "")
+            prefix = results_file.stem.removeprefix("results").removeprefix("_")  # the prefix of its reports
+            runs |= {f"{prefix}{'_' if prefix else ''}{key.replace('/', '_')}": run for key, run in results["runs"].items()}
+            seed = results.get("config", {}).get("seed", PRIMALITY_ALIGNED.get(folder.name, 0))
         for report_path in sorted((folder / "reports").glob("*.json")):
             table.append(row_of(report_path, runs.get(report_path.stem), seed, recipe))
     return table
