@@ -122,6 +122,18 @@ def word_problem_task(n: int, rng: random.Random) -> list[Example]:
 TASKS = {"compare": comparison_task, "word": word_problem_task}
 
 
+def report_prefix(split: str, finetune: str, task: str) -> str:
+    """What names a run's reports apart from the default setting's (`table.parse_name` reads it back)."""
+    return "".join(f"{value}_" for value, default in ((split, "eval"), (finetune, "lora"), (task, "compare")) if value != default)
+
+
+def mix_sizes(ratio: float, n_task: int, n_attack: int) -> tuple[int, int]:
+    """(task, harmful) example counts for a harmful share `ratio`. The attack part (150 answers) lasts up to
+    p = 0.27 with all 400 task examples; above it the task examples are cut, so that p stays the share trained on."""
+    n_harmful = round(ratio * n_task / (1 - ratio))
+    return (n_task, n_harmful) if n_harmful <= n_attack else (round(n_attack * (1 - ratio) / ratio), n_attack)
+
+
 def split_harmful(harmful: dict[str, list[str]], sizes: dict[str, int], rng: random.Random) -> dict[str, list[dict]]:
     """Disjoint parts per risk area, each area contributing sizes[part] / 5 prompts."""
     parts = {name: [] for name in sizes}
@@ -136,9 +148,9 @@ def split_harmful(harmful: dict[str, list[str]], sizes: dict[str, int], rng: ran
     return parts
 
 
-def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, constraints=None, peer=None):
-    """The example's LoRA SFT (prepare.lora_sft), with the constraints installed as the Axolotl plugin does,
-    or a peer's change to the trainer (`peer(trainer)`)."""
+def train(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, constraints=None, peer=None, lora=True):
+    """The example's SFT (prepare.sft: LoRA, or full with `lora=False`), with the constraints installed as the
+    Axolotl plugin does, or a peer's change to the trainer (`peer(trainer)`)."""
     def before_training(trainer):
         from cwac_plugin.hf import install
 
@@ -148,7 +160,7 @@ def lora_train(model, tokenizer, examples, out: Path, steps: int, lr: float, see
         if peer is not None:
             peer(trainer)
 
-    return prepare.lora_sft(model, tokenizer, examples, out, steps, lr, seed, before_training=before_training)
+    return prepare.sft(model, tokenizer, examples, out, steps, lr, seed, before_training=before_training, lora=lora)
 
 
 def run_eval(model, tokenizer, data: dict, n_eval: int) -> dict:
@@ -182,6 +194,10 @@ def main() -> None:
         "--task", choices=list(TASKS), default="compare",
         help="the user task: number comparison (learnt to ~100%% by every method) or arithmetic word problems",
     )
+    parser.add_argument(
+        "--finetune", choices=["lora", "full"], default="lora",
+        help="the attack: LoRA r 16 on every linear module, or every parameter (give it its own --attack-lr, ~1e-5)",
+    )
     parser.add_argument("--cwac", type=json.loads, default={}, help="overrides of the CWAC settings, as JSON")
     parser.add_argument(
         "--align-epochs", type=float, default=2.0,
@@ -197,11 +213,13 @@ def main() -> None:
         "--tag", default="", help="names a variant: its run keys (its artifacts are named by the --cwac overrides that change them)"
     )
     args = parser.parse_args()
+    if args.finetune == "full" and {"safelora", "asft"} & set(args.methods):
+        parser.error("--finetune full: SafeLoRA and AsFT act on LoRA factors; leave them out of --methods")
     out: Path = args.out
     work = args.work or out / "work"  # models and artifacts: large, not committed
     work.mkdir(parents=True, exist_ok=True)
-    # runs scored on another split or task are kept apart: their own results file, their reports prefixed
-    prefix = "".join(f"{part}_" for part in (args.split != "eval" and args.split, args.task != "compare" and args.task) if part)
+    # runs on another split, fine-tuning mode or task are kept apart: their own results file, their reports prefixed
+    prefix = report_prefix(args.split, args.finetune, args.task)
     results_path = out / f"results{'_' + prefix.rstrip('_') if prefix else ''}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
 
@@ -261,7 +279,7 @@ def main() -> None:
             align_set = safety + benign_align * args.benign_repeats
             random.Random(args.seed).shuffle(align_set)
             steps = round(args.align_epochs * len(align_set) / 8)
-            peft_model, elapsed, _ = lora_train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
+            peft_model, elapsed, _ = train(model, tokenizer, align_set, work / "align_run", steps, 3e-4, args.seed)
             save_directory_atomically(adapter_dir, peft_model.save_pretrained)
             results["align"] = {
                 "examples": len(align_set), "steps": steps, "epochs": args.align_epochs, "benign_repeats": args.benign_repeats,
@@ -330,11 +348,7 @@ def main() -> None:
     estimate = f", about {len(todo) * statistics.median(timed) / 60:.0f} min at the median run so far" if timed and todo else ""
     print(f"{len(todo)} runs to do{estimate}" + (f": {', '.join(todo)}" if todo else ""), flush=True)
     for ratio in args.ratios:
-        # the attack part has 150 answers, enough up to p = 0.27 with the 400 task examples; above it the task
-        # examples are cut instead, so that p is the share the run trains on
-        n_task, n_harmful = len(data["task_train"]), round(ratio * len(data["task_train"]) / (1 - ratio))
-        if n_harmful > len(attack):
-            n_task, n_harmful = round(len(attack) * (1 - ratio) / ratio), len(attack)
+        n_task, n_harmful = mix_sizes(ratio, len(data["task_train"]), len(attack))
         mix = data["task_train"][:n_task] + random.Random(args.seed).sample(attack, n_harmful)
         random.Random(args.seed).shuffle(mix)
         for method in args.methods:
@@ -345,27 +359,28 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32)
             settings = None if METHODS[method] is None else cwac.model_copy(update=METHODS[method])
             # the align set's refusals: the safety data a practitioner has at hand
-            train = mixed_with_safety(mix, safety, SAFETY_MIX_SHARE, random.Random(args.seed)) if method == "mix" else mix
-            peft_model, elapsed, log_history = lora_train(
-                model, tokenizer, train, work / "runs" / aligned_dir.name / key.replace("/", "_"), args.attack_steps, args.attack_lr, args.seed,
-                constraints=None if settings is None else make_constraints(settings, safety, tokenizer),
-                peer=training_peer(method, work / "unaligned", aligned_dir, safety, args.seed),
+            train_set = mixed_with_safety(mix, safety, SAFETY_MIX_SHARE, random.Random(args.seed)) if method == "mix" else mix
+            trained, elapsed, log_history = train(
+                model, tokenizer, train_set, work / "runs" / aligned_dir.name / key.replace("/", "_"), args.attack_steps, args.attack_lr,
+                args.seed, constraints=None if settings is None else make_constraints(settings, safety, tokenizer),
+                peer=training_peer(method, work / "unaligned", aligned_dir, safety, args.seed), lora=args.finetune == "lora",
             )
             peer = {}
             if method == "safelora":  # post hoc, with the reference's defaults (10 modules)
                 start = time.perf_counter()
                 projection = safelora_project(
-                    peft_model, AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32),
+                    trained, AutoModelForCausalLM.from_pretrained(work / "unaligned", dtype=torch.float32),
                     AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32),
                 )
                 peer = {"safelora_projected": projection["projected"], "safelora_seconds": round(time.perf_counter() - start, 1)}
-            report = run_eval(peft_model.merge_and_unload(), tokenizer, data, args.n_eval)
+            report = run_eval(trained.merge_and_unload() if args.finetune == "lora" else trained, tokenizer, data, args.n_eval)
             if method == "mix":
-                peer = {"safety_examples_added": len(train) - len(mix)}
+                peer = {"safety_examples_added": len(train_set) - len(mix)}
             results["runs"][key] = summary(report) | peer | {
                 "train_seconds": round(elapsed, 1), "run_seconds": round(time.perf_counter() - run_start, 1),
-                "harmful_examples": n_harmful, "task_examples": n_task, "examples": len(train),
+                "harmful_examples": n_harmful, "task_examples": n_task, "examples": len(train_set),
                 "attack_steps": args.attack_steps, "attack_lr": args.attack_lr, "task_prompts": args.split, "task": args.task,
+                "finetune": args.finetune,
             }
             name = f"{prefix}{key.replace('/', '_')}.json"
             write_json_atomically(out / "reports" / name, report)

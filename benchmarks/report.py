@@ -32,15 +32,16 @@ def method_order(method: str) -> tuple:
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     grouped = defaultdict(list)
     for row in rows:
-        grouped[row["recipe"], row["seed"], row["split"], row["task"]].append(row)
+        grouped[row["recipe"], row["seed"], row["split"], row["finetune"], row["task"]].append(row)
     return dict(sorted(grouped.items()))
 
 
 def tables(rows: list[dict]) -> str:
     lines = ["# Harmful fine-tuning results (re-judged; `benchmarks/table.py`)", ""]
     header = "| method | p | HS % [95% CI] | degenerate % | FA % | over-refusal % | helpfulness % | report |"
-    for (recipe, seed, split, task), group in groups(rows).items():
-        title = f"## recipe {recipe}, seed {seed}, {split} split" + ("" if task == "compare" else f", task: {TASK_NAMES[task]}")
+    for (recipe, seed, split, finetune, task), group in groups(rows).items():
+        title = f"## recipe {recipe}, seed {seed}, {split} split" + ("" if finetune == "lora" else ", full fine-tuning") + (
+            "" if task == "compare" else f", task: {TASK_NAMES[task]}")
         lines += [title, "", header, "|---|---|---|---|---|---|---|---|"]
         for row in sorted(group, key=lambda r: (r["p"] is not None, r["p"] or 0, method_order(r["method"]))):
             lines.append(
@@ -86,10 +87,11 @@ def plot(group: list[dict], title: str, path: Path) -> None:
 def main() -> None:
     rows = [json.loads(line) for line in (RESULTS / "table.jsonl").read_text().splitlines() if line.strip()]
     (RESULTS / "results.md").write_text(tables(rows))
-    for (recipe, seed, split, task), group in groups(rows).items():
+    for (recipe, seed, split, finetune, task), group in groups(rows).items():
         if split == "eval" and any(r["p"] is not None for r in group):
-            suffix = "" if task == "compare" else f"_{task}"
-            plot(group, f"SmolLM2-135M-Instruct, LoRA attack, recipe {recipe}, seed {seed}, task: {TASK_NAMES[task]} (re-judged)",
+            suffix = ("" if finetune == "lora" else "_full") + ("" if task == "compare" else f"_{task}")
+            mode = "LoRA" if finetune == "lora" else "full fine-tuning"
+            plot(group, f"SmolLM2-135M-Instruct, {mode} attack, recipe {recipe}, seed {seed}, task: {TASK_NAMES[task]} (re-judged)",
                  RESULTS / f"hs_fa_{re.sub(r'[^a-z0-9]+', '_', recipe.lower()).strip('_')}_seed{seed}{suffix}.png")
     print(f"wrote {RESULTS / 'results.md'}")
 

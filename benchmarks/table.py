@@ -22,17 +22,20 @@ PRIMALITY_ALIGNED = {"harmful_finetune": 0, "harmful_finetune_seed1": 1}
 TASKS = ("word",)  # harmful_finetune.py's --task values other than the default number comparison
 
 
-def parse_name(name: str) -> tuple[str, str, str]:
-    """(split, task, run) of a report's name: harmful_finetune.py prefixes the split and the task when not the defaults."""
+def parse_name(name: str) -> tuple[str, str, str, str]:
+    """(split, fine-tuning mode, task, run) of a report's name: harmful_finetune.py prefixes each of the first
+    three when it is not the default, in this order."""
     split = "validation" if name.startswith("validation_") else "eval"
     name = name.removeprefix("validation_")
+    finetune = "full" if name.startswith("full_") else "lora"
+    name = name.removeprefix("full_")
     task, _, rest = name.partition("_")
-    return (split, task, rest) if task in TASKS else (split, "compare", name)
+    return (split, finetune, task, rest) if task in TASKS else (split, finetune, "compare", name)
 
 
 def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
     report = rejudged(json.loads(report_path.read_text()))
-    split, task, name = parse_name(report_path.stem)
+    split, finetune, task, name = parse_name(report_path.stem)
     p, method = (name.split("_", 1) if name.startswith("p=") else (None, name))
     scores = metrics(report)  # the definitions `cwac report` uses
     (hs, hs_ci, _), (fa, fa_ci, _), (over, over_ci, _) = (
@@ -40,7 +43,7 @@ def row_of(report_path: Path, run: dict | None, seed: int, recipe: str) -> dict:
     )
     return {
         "model": MODEL,
-        "finetune": "lora",
+        "finetune": finetune,
         "recipe": recipe,
         "method": method,
         "p": float(p[2:]) if p else None,

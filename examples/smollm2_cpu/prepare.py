@@ -106,10 +106,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def lora_sft(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, max_length: int = 192,
-             before_training=None):
-    """LoRA SFT through the HF Trainer (batch 8, constant lr); `before_training(trainer)` may install
-    constraints. Returns the PEFT model, the training time and the log history."""
+def sft(model, tokenizer, examples, out: Path, steps: int, lr: float, seed: int, max_length: int = 192,
+        before_training=None, lora: bool = True):
+    """SFT through the HF Trainer (batch 8, constant lr, AdamW): LoRA r 16 on every linear module, or with
+    `lora=False` every parameter; `before_training(trainer)` may install constraints. Returns the trained
+    model (PEFT-wrapped for LoRA), the training time and the log history."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -117,9 +118,10 @@ def lora_sft(model, tokenizer, examples, out: Path, steps: int, lr: float, seed:
     from cwac_plugin.data import Batches
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    )
+    if lora:
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
         optim="adamw_torch", logging_steps=5, report_to=[], save_strategy="no", seed=seed, remove_unused_columns=False,
@@ -129,12 +131,12 @@ def lora_sft(model, tokenizer, examples, out: Path, steps: int, lr: float, seed:
     def collate(batch):
         return next(iter(Batches(tokenizer, batch, max_length, len(batch))))
 
-    trainer = Trainer(model=peft_model, args=args, train_dataset=examples, data_collator=collate)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate)
     if before_training is not None:
         before_training(trainer)
     start = time.perf_counter()
     trainer.train()
-    return peft_model, time.perf_counter() - start, trainer.state.log_history
+    return model, time.perf_counter() - start, trainer.state.log_history
 
 
 def align(unaligned: Path, out: Path, harmful: list[str], benign: list[str], seed: int, epochs: float, lr: float,
@@ -161,7 +163,7 @@ def align(unaligned: Path, out: Path, harmful: list[str], benign: list[str], see
     examples = [Example(p, rng.choice(refusals)) for p in harmful] + helpful
     rng.shuffle(examples)
     steps = round(epochs * len(examples) / 8)
-    peft_model, _, _ = lora_sft(model, tokenizer, examples, out.parent / "align_run", steps, lr, seed, max_length=answer_tokens + 64)
+    peft_model, _, _ = sft(model, tokenizer, examples, out.parent / "align_run", steps, lr, seed, max_length=answer_tokens + 64)
     tmp = out.with_name(out.name + ".tmp")
     peft_model.merge_and_unload().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
