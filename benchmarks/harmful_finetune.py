@@ -219,9 +219,19 @@ def main() -> None:
     work = args.work or out / "work"  # models and artifacts: large, not committed
     work.mkdir(parents=True, exist_ok=True)
     # runs on another split, fine-tuning mode or task are kept apart: their own results file, their reports prefixed
+    def results_file(prefix: str) -> Path:
+        return out / f"results{'_' + prefix.rstrip('_') if prefix else ''}.json"
+
+    def read_results(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
     prefix = report_prefix(args.split, args.finetune, args.task)
-    results_path = out / f"results{'_' + prefix.rstrip('_') if prefix else ''}.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    results_path = results_file(prefix)
+    results = read_results(results_path)
+    # the models before the attack do not depend on how it fine-tunes: scored once, beside the LoRA runs
+    base_prefix = report_prefix(args.split, "lora", args.task)
+    base_path = results_file(base_prefix)
+    base_results = results if base_path == results_path else read_results(base_path)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -288,11 +298,11 @@ def main() -> None:
         merged = peft_model.merge_and_unload()
         save_directory_atomically(aligned_dir, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     for name, model_dir in (("unaligned", work / "unaligned"), ("aligned", aligned_dir)):
-        if name not in results:
+        if name not in base_results:
             report = run_eval(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer, data, args.n_eval)
-            results[name] = summary(report)
-            write_json_atomically(out / "reports" / f"{prefix}{name}.json", report)
-            write_json_atomically(results_path, results)
+            base_results[name] = summary(report)
+            write_json_atomically(out / "reports" / f"{base_prefix}{name}.json", report)
+            write_json_atomically(base_path, base_results)
     if args.align_only:
         return
 

@@ -30,9 +30,14 @@ def method_order(method: str) -> tuple:
 
 
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows by recipe, seed, split, fine-tuning mode and task; the models before the attack (scored with the
+    LoRA runs) head the full fine-tuning groups too."""
     grouped = defaultdict(list)
     for row in rows:
         grouped[row["recipe"], row["seed"], row["split"], row["finetune"], row["task"]].append(row)
+    for (recipe, seed, split, finetune, task), group in grouped.items():
+        if finetune != "lora":
+            group[:0] = [r for r in grouped.get((recipe, seed, split, "lora", task), []) if r["p"] is None]
     return dict(sorted(grouped.items()))
 
 
